@@ -1,0 +1,56 @@
+"""Tiny models built inside the tests: no download, a few hundred milliseconds each."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import uft  # noqa: E402
+
+CORPUS = [f"{a} + {b} = {a + b}\nthe answer is <answer> {a * b} </answer>" for a in range(30) for b in range(12)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return uft.build_tokenizer(CORPUS, vocab_size=300)
+
+
+def make_llama(tokenizer, seed=0, vocab_rows=None):
+    """A 2-layer Llama whose large init makes logits peaked (greedy ties would make comparisons flaky)."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = uft.tiny_llama_config(vocab_rows or len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def make_gpt2(tokenizer, seed=0):
+    """GPT-2 has absolute position embeddings: a wrong position id under left padding changes its output."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    return make_llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2(tokenizer):
+    return make_gpt2(tokenizer)
