@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -378,30 +381,760 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
                    logprobs=out_logp[:, :width].clone())
 
 
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                      vocab_size: int | None = None, keep_last: int | None = None) -> torch.Tensor:
-    """Teacher-forced log-probs of ids[:, 1:] given the prefix, with the sampler's mask, positions and temperature.
-
-    ids, mask: (B, S) left-padded. Returns (B, S - 1); with keep_last = K only the last K positions (B, K),
-    which saves the (B, S, V) logits of the prompt when only the completion is scored.
-    """
-    keep = ids.shape[1] - 1 if keep_last is None else keep_last
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                   use_cache=False, logits_to_keep=keep + 1).logits[:, :-1]       # (B, keep, V)
-    return token_logprobs(logits, ids[:, -keep:], temperature, vocab_size)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Countdown task (section pasted below)
 # ----------------------------------------------------------------------------------------------------------
 
 # COUNTDOWN_SECTION
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Built-in base model (placeholder until the warm-up pre-training lands)
+# Hints (spec section 4)
 # ----------------------------------------------------------------------------------------------------------
 
+SCHEDULES = ("cosine", "uniform", "staged", "none")
+ALGOS = {  # algo -> (hint schedule, hint NLL on?)   'sft' and the first phase of 'sft-rft' train on full answers
+    "sft": (None, False), "rft": ("none", False), "sft-rft": ("none", False),
+    "r3": ("uniform", False), "uft": ("cosine", True)}
 
-def builtin_base(cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """Folder of the model `--model builtin` loads."""
-    return builtin_init(cache_dir)
+
+def hint_fraction(t: int, T_hint: int, p_low: float = 0.05, p_high: float = 0.95) -> float:
+    """Expected revealed fraction of the solution at step t (t counts from 1); 0 after T_hint.
+
+    p(t) = p_low + 1/2 (p_high - p_low) (1 + cos(pi t / T_hint))
+    >>> hint_fraction(150, 300), hint_fraction(300, 300), hint_fraction(301, 300)
+    (0.5, 0.05, 0.0)
+    """
+    if t > T_hint:
+        return 0.0
+    return p_low + 0.5 * (p_high - p_low) * (1 + math.cos(math.pi * t / T_hint))
+
+
+def cut_points(num_fragments: int, max_chunks: int = 5) -> list[int]:
+    """The K + 1 places a hint may end, in fragments: c_i = round(i * n / K), K = min(max_chunks, n).
+
+    >>> cut_points(3), cut_points(12)
+    ([0, 1, 2, 3], [0, 2, 5, 7, 10, 12])
+    """
+    K = min(max_chunks, num_fragments)
+    return [round(i * num_fragments / K) for i in range(K)] + [num_fragments] if K else [0]
+
+
+def hint_chunks(schedule: str, t: int, K: int, rng: random.Random, T_hint: int, p_low: float,
+                p_high: float) -> int:
+    """How many of the K chunks to reveal at step t: the schedule's one random (or fixed) choice.
+
+    cosine: k ~ Binomial(K, p(t)) (UFT); uniform: k ~ U{0..K} (R3); staged: K - floor(t / floor(T_hint/(K+1)));
+    none: 0 (RFT).
+    """
+    if schedule == "cosine":
+        p = hint_fraction(t, T_hint, p_low, p_high)
+        return sum(rng.random() < p for _ in range(K))
+    if schedule == "uniform":
+        return rng.randint(0, K)
+    if schedule == "staged":
+        stage = max(1, T_hint // (K + 1))
+        return min(K, max(0, K - t // stage)) if t <= T_hint else 0
+    if schedule == "none":
+        return 0
+    raise ValueError(f"unknown hint schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def sample_hint(fragments: list[str], schedule: str, t: int, rng: random.Random, T_hint: int = 300,
+                p_low: float = 0.05, p_high: float = 0.95, max_chunks: int = 5) -> tuple[str, float]:
+    """(hint text, revealed fraction k / K) for one prompt at step t.
+
+    The fragments hold the reasoning only; `</think>` and the `<answer>` tail are never part of a hint.
+    >>> sample_hint(["1 + 2 = 3\\n", "3 * 4 = 12\\n", "Therefore, ..."], "cosine", 1, random.Random(0))
+    ('1 + 2 = 3\\n3 * 4 = 12\\nTherefore, ...', 1.0)
+    """
+    cuts = cut_points(len(fragments), max_chunks)
+    K = len(cuts) - 1
+    if K == 0:
+        return "", 0.0
+    k = hint_chunks(schedule, t, K, rng, T_hint, p_low, p_high)
+    return "".join(fragments[: cuts[k]]), k / K
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objective (spec sections 2-3): per-token terms first, reductions second
+# ----------------------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantage: A = (r - mean_group) / (std_group + eps), unbiased std. rewards (B, G) -> (B, G).
+
+    A group whose rewards are all equal gets A = 0: it carries no policy-gradient signal.
+    >>> group_advantages(torch.tensor([[1.0, 0.0], [0.1, 0.1]]))
+    tensor([[ 0.7071, -0.7071],
+            [ 0.0000,  0.0000]])
+    """
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def policy_gradient_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                         epsilon: float = 0.2) -> torch.Tensor:
+    """PPO-clip surrogate per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp).
+
+    logp, old_logp (N, L); advantages (N, 1) or (N, L) -> (N, L).
+    """
+    ratio = torch.exp(logp - old_logp)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(x) - x - 1 with x = ref_logp - logp (>= 0, 0 iff equal)."""
+    x = ref_logp - logp
+    return torch.exp(x) - x - 1
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position: (..., V) -> (...)."""
+    scale = temperature if temperature > 0 else 1.0
+    logp = mask_padded_vocab(logits.float() / scale, vocab_size).log_softmax(-1)
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of values where mask is True (a 0-dim tensor that keeps the graph, even when the mask is empty)."""
+    return (values * mask).sum()
+
+
+def hint_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """Token-mean negative log-likelihood over the masked tokens: the hint tokens in UFT, the answer in SFT.
+
+    num_tokens: the denominator when the mean runs over an accumulated batch; 0 tokens give 0 (not NaN).
+    """
+    n = int(mask.sum()) if num_tokens is None else num_tokens
+    return masked_sum(-logp, mask) / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches: a left-padded prompt block followed by a right-padded target block, scored in one forward
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Batch:
+    ids: torch.Tensor          # (N, S + L) prompt (left-padded) ++ target (right-padded)
+    attention: torch.Tensor    # (N, S + L) 1 on real tokens: the sampler's mask
+    target_mask: torch.Tensor  # (N, L) bool: tokens the model produced (or, in SFT, the answer + EOS)
+    hint_mask: torch.Tensor    # (N, H) bool: hint tokens among the last H prompt columns
+    advantages: torch.Tensor | None = None  # (N,) for policy-gradient batches
+
+    def rows(self, index: torch.Tensor) -> "Batch":
+        adv = None if self.advantages is None else self.advantages[index]
+        return Batch(self.ids[index], self.attention[index], self.target_mask[index], self.hint_mask[index], adv)
+
+
+def make_batch(prompts: list[list[int]], targets: list[list[int]], hint_lengths: list[int], pad_id: int,
+               advantages: torch.Tensor | None = None, device=None) -> Batch:
+    """Lay out prompt + target rows so every target starts at the same column; masks come from lengths."""
+    p_ids, p_mask = left_pad(prompts, pad_id)                                      # (N, S)
+    width = max(1, max(len(t) for t in targets))
+    t_ids = torch.full((len(targets), width), pad_id, dtype=torch.long)
+    t_mask = torch.zeros((len(targets), width), dtype=torch.bool)
+    for row, t in enumerate(targets):
+        t_ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        t_mask[row, : len(t)] = True
+    H = max(hint_lengths) if hint_lengths else 0
+    h_mask = torch.arange(H)[None, :] >= (H - torch.tensor(hint_lengths))[:, None]  # (N, H) right-aligned
+    return Batch(torch.cat([p_ids, t_ids], 1).to(device), torch.cat([p_mask, t_mask.long()], 1).to(device),
+                 t_mask.to(device), h_mask.to(device), None if advantages is None else advantages.to(device))
+
+
+def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits that predict the last `keep` tokens of each row: (B, S) -> (B, keep, V)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
+                 logits_to_keep=keep + 1).logits[:, :-1]
+
+
+def score(model, batch: Batch, temperature: float, vocab_size: int, with_entropy: bool = False):
+    """Teacher-forced (hint logp (N, H), target logp (N, L), target entropy (N, L) or None) in one forward."""
+    H, L = batch.hint_mask.shape[1], batch.target_mask.shape[1]
+    logits = forward_logits(model, batch.ids, batch.attention, H + L)              # (N, H + L, V)
+    logp = token_logprobs(logits, batch.ids[:, -(H + L):], temperature, vocab_size)  # (N, H + L)
+    entropy = token_entropy(logits[:, H:], temperature, vocab_size) if with_entropy else None
+    return logp[:, :H], logp[:, H:], entropy
+
+
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """Teacher-forced log-probs of ids[:, 1:] with the sampler's mask, positions and temperature: (B, S - 1)."""
+    logits = forward_logits(model, ids, mask, ids.shape[1] - 1)
+    return token_logprobs(logits, ids[:, 1:], temperature, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training step: SFT (teacher forcing on full answers) or RL (hinted rollouts + the UFT objective)
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training step reads or changes."""
+    args: "argparse.Namespace"
+    model: torch.nn.Module
+    tokenizer: object
+    ref: torch.nn.Module | None            # frozen reference policy, None when beta == 0
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_rows: list[dict]
+    test_rows: list[dict]
+    rng: random.Random                     # hint draws
+    generator: torch.Generator             # sampling
+    out: Path
+    step: int = 0
+    token_cache: dict = dataclasses.field(default_factory=dict)
+
+    def encode(self, text: str) -> list[int]:
+        if text not in self.token_cache:
+            self.token_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.token_cache[text]
+
+
+def rows_for_step(num_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Row indices of step `step` (from 1): a fresh seeded permutation each epoch, so resuming needs only the step."""
+    start, picked = (step - 1) * batch_size, []
+    while len(picked) < batch_size:
+        epoch, offset = divmod(start + len(picked), num_rows)
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        picked.extend(order[offset: offset + batch_size - len(picked)].tolist())
+    return picked
+
+
+def micro_batches(num_rows: int, size: int):
+    """Index tensors of consecutive chunks of at most `size` rows."""
+    for start in range(0, num_rows, size):
+        yield torch.arange(start, min(start + size, num_rows))
+
+
+def optimizer_step(run: Run) -> float:
+    """Clip, step, schedule; returns the pre-clip gradient norm."""
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def sft_batch(run: Run, rows: list[dict]) -> Batch:
+    """question -> answer + EOS; only the answer and its EOS are targets (the prompt is masked by layout)."""
+    eos = run.tokenizer.eos_token_id
+    return make_batch([run.encode(r["question"]) for r in rows], [run.encode(r["answer"]) + [eos] for r in rows],
+                      [0] * len(rows), run.tokenizer.pad_token_id, device=run.model.device)
+
+
+def sft_update(run: Run, batch: Batch) -> dict:
+    """One optimizer step of token-mean NLL over the whole batch (gradient accumulated over micro-batches)."""
+    a, total = run.args, int(batch.target_mask.sum())
+    run.model.train()
+    loss_sum = 0.0
+    for index in micro_batches(batch.ids.shape[0], a.micro_batch_size):
+        part = batch.rows(index)
+        _, logp, _ = score(run.model, part, 1.0, len(run.tokenizer))
+        loss = hint_nll(logp, part.target_mask, num_tokens=total)
+        loss.backward()
+        loss_sum += float(loss)
+    return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": optimizer_step(run)}
+
+
+def reward_of(row: dict, text: str) -> float:
+    """The task's reward for prompt + completion text (countdown: the released three-level rule)."""
+    return countdown_reward(text, row["nums"], row["target"])
+
+
+def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[Batch, dict, list[dict]]:
+    """Hint each prompt, sample G continuations, reward them; return the training batch and rollout stats."""
+    a, tok = run.args, run.tokenizer
+    hints = [sample_hint(r["hint"], hint_schedule, step, run.rng, a.T_hint, a.p_low, a.p_high) for r in rows]
+    q_ids = [run.encode(r["question"]) for r in rows]
+    h_ids = [tok(h, add_special_tokens=False)["input_ids"] if h else [] for h, _ in hints]
+    prompts = [q + h for q, h in zip(q_ids, h_ids)]
+    start = time.perf_counter()
+    out = generate(run.model, tok, prompts, num_generations=a.num_generations,
+                   max_new_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
+                   top_k=a.top_k, generator=run.generator)
+    seconds = time.perf_counter() - start
+    completions = [out.ids[i, : out.lengths[i]].tolist() for i in range(out.ids.shape[0])]
+    texts = tok.batch_decode(completions, skip_special_tokens=True)
+    owner = out.prompt_index.tolist()
+    rewards = torch.tensor([reward_of(rows[p], rows[p]["question"] + hints[p][0] + t) for p, t in zip(owner, texts)])
+    grouped = rewards.view(len(rows), a.num_generations)                          # (B, G)
+    adv = group_advantages(grouped).view(-1)                                       # (N,)
+    batch = make_batch([prompts[p] for p in owner], completions, [len(h_ids[p]) for p in owner], tok.pad_token_id,
+                       advantages=adv, device=run.model.device)
+    stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+             "train_accuracy": float((rewards == 1.0).float().mean()),
+             "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+             "hint_fraction": hint_fraction(step, a.T_hint, a.p_low, a.p_high) if hint_schedule == "cosine" else
+             float(sum(f for _, f in hints) / len(hints)),
+             "hint_fraction_drawn": float(sum(f for _, f in hints) / len(hints)),
+             "response_length": float(out.lengths.float().mean()),
+             "truncated": float((~out.finished).float().mean()),
+             "rollout_tokens_per_s": float(out.lengths.sum()) / max(seconds, 1e-9)}
+    samples = [{"step": step, "hint": hints[p][0], "completion": texts[i], "reward": float(rewards[i])}
+               for i, p in enumerate(owner[: a.num_generations])]
+    return batch, stats, samples
+
+
+def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: int, n_hint: int,
+            use_hint_nll: bool) -> tuple[torch.Tensor, dict]:
+    """The UFT objective on one micro-batch, as a sum ready for accumulation (spec section 3):
+
+    loss = PPO-clip + beta KL_k3 - entropy_coef H   (token-mean over the mini-batch's response tokens)
+         + sft_loss_coef NLL(hint)                   (token-mean over its hint tokens)
+    """
+    a, vocab = run.args, len(run.tokenizer)
+    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=a.entropy_coef > 0)
+    old = logp.detach() if old_logp is None else old_logp         # one update per step: the ratio is exactly 1
+    mask = part.target_mask
+    per_token = policy_gradient_loss(logp, old, part.advantages[:, None], a.epsilon)   # (n, L)
+    stats = {"pg_loss": float(masked_sum(per_token, mask)) / max(n_response, 1)}
+    if run.ref is not None:
+        with torch.no_grad():
+            _, ref_logp, _ = score(run.ref, part, a.temperature, vocab)
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + a.beta * kl
+        stats["kl"] = float(masked_sum(kl, mask)) / max(n_response, 1)
+    if entropy is not None:
+        per_token = per_token - a.entropy_coef * entropy
+        stats["entropy"] = float(masked_sum(entropy.detach(), mask)) / max(n_response, 1)
+    loss = masked_sum(per_token, mask) / max(n_response, 1)
+    if use_hint_nll and a.sft_loss_coef > 0:
+        nll = hint_nll(hint_logp, part.hint_mask, num_tokens=n_hint)
+        loss = loss + a.sft_loss_coef * nll
+        stats["hint_nll"] = float(nll)
+    return loss, stats
+
+
+def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
+    """PPO over mini-batches of `mini_batch_size` prompts (one optimizer step each), accumulating micro-batches."""
+    a = run.args
+    rows_per_update = a.mini_batch_size * a.num_generations
+    updates = list(micro_batches(batch.ids.shape[0], rows_per_update))
+    old_logp = None
+    if len(updates) > 1:             # later updates need the log-probs of the policy that sampled
+        with torch.no_grad():
+            run.model.eval()
+            old_logp = torch.cat([score(run.model, batch.rows(i), a.temperature, len(run.tokenizer))[1]
+                                  for i in micro_batches(batch.ids.shape[0], a.micro_batch_size)])
+    run.model.train()
+    totals, norms = {}, []
+    for update in updates:
+        mini = batch.rows(update)
+        n_response, n_hint = int(mini.target_mask.sum()), int(mini.hint_mask.sum())
+        for index in micro_batches(update.numel(), a.micro_batch_size):
+            part = mini.rows(index)
+            old = None if old_logp is None else old_logp[update][index]
+            loss, stats = rl_loss(run, part, old, n_response, n_hint, use_hint_nll)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss ({float(loss)}) at step {run.step}")
+            loss.backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / len(updates)
+            totals["loss"] = totals.get("loss", 0.0) + float(loss) / len(updates)
+        norms.append(optimizer_step(run))
+    totals["grad_norm"] = sum(norms) / len(norms)
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: greedy, no hint, accuracy = reward exactly 1.0 (spec section 3)
+# ----------------------------------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 256,
+             num_samples: int = 4, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Accuracy (reward == 1), mean reward and format rate (an answer was extracted) of greedy completions."""
+    from tqdm.auto import tqdm
+
+    rewards, samples, lengths = [], [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, disable=not progress):
+        chunk = rows[start: start + batch_size]
+        prompts = [tokenizer(r["question"], add_special_tokens=False)["input_ids"] for r in chunk]
+        out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+        texts = tokenizer.batch_decode([out.ids[i, : out.lengths[i]].tolist() for i in range(len(chunk))],
+                                       skip_special_tokens=True)
+        for row, text in zip(chunk, texts):
+            rewards.append(reward_of(row, row["question"] + text))
+            if len(samples) < num_samples:
+                samples.append({"nums": row["nums"], "target": row["target"], "completion": text,
+                                "reward": rewards[-1]})
+        lengths.extend(out.lengths.tolist())
+    r = torch.tensor(rewards)
+    return ({"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
+             "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths)}, samples)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folder: config, metrics, samples, plot, atomic checkpoints, resume
+# ----------------------------------------------------------------------------------------------------------
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
+
+
+def save_checkpoint(run: Run) -> None:
+    """model + tokenizer + optimizer/scheduler/RNG state (+ the reference when it is not the base model)."""
+    def save(tmp: Path):
+        run.model.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        if run.ref is not None and run.args.algo == "sft-rft":
+            run.ref.save_pretrained(tmp / "ref")
+        torch.save({"step": run.step, "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(), "rng": run.rng.getstate(),
+                    "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state()},
+                   tmp / "trainer_state.pt")
+    save_atomically(save, run.out / "checkpoint")
+
+
+def restore_checkpoint(run: Run) -> None:
+    state = torch.load(run.out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    run.step = state["step"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.rng.setstate(state["rng"])
+    run.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    metrics = [m for m in read_jsonl(run.out / "metrics.jsonl") if m["step"] <= run.step]  # drop unsaved steps
+    (run.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def plot_run(out: Path) -> Path:
+    """plot.png: held-out accuracy, training reward and hint fraction over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, title in zip(axes, ["eval_accuracy", "reward_mean", "hint_fraction"],
+                              ["held-out accuracy (greedy, no hint)", "training reward (mean)", "hint fraction p(t)"]):
+        pts = [(m["step"], m[key]) for m in metrics if key in m]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=90)
+    plt.close(fig)
+    return out / "plot.png"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop: one loop for the five algorithms
+# ----------------------------------------------------------------------------------------------------------
+
+def phase_of(algo: str, step: int, sft_steps: int) -> str:
+    """'sft' or 'rl' for this step: sft always, sft-rft for its first sft_steps, the others never."""
+    return "sft" if algo == "sft" or (algo == "sft-rft" and step <= sft_steps) else "rl"
+
+
+def make_optimizer(model, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and a warm-up + constant/cosine learning-rate schedule over T steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    warmup = int(args.warmup_ratio * args.T)
+
+    def factor(i):       # i = number of optimizer steps taken
+        if i < warmup:
+            return (i + 1) / warmup
+        if args.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, args.T - warmup))))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def frozen_copy(model):
+    import copy
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def training_step(run: Run) -> dict:
+    """One step of the run's algorithm at run.step; returns its metrics."""
+    a = run.args
+    phase = phase_of(a.algo, run.step, a.sft_steps)
+    rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, run.step, a.seed)]
+    if phase == "sft":
+        return {"phase": phase, **sft_update(run, sft_batch(run, rows))}
+    if a.algo == "sft-rft" and run.step == a.sft_steps + 1 and a.beta > 0:
+        run.ref = frozen_copy(run.model)      # RFT regularises toward the SFT checkpoint it starts from
+    schedule = a.hint_schedule or ALGOS[a.algo][0]
+    batch, stats, samples = rollout(run, rows, run.step, schedule)
+    if run.step % a.eval_steps == 0 or run.step == 1:
+        for s in samples:
+            append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s})
+    return {"phase": phase, **stats, **rl_update(run, batch, use_hint_nll=ALGOS[a.algo][1])}
+
+
+def run_eval(run: Run, progress: bool = False) -> dict:
+    a = run.args
+    metrics, samples = evaluate(run.model, run.tokenizer, run.test_rows, a.max_completion_length,
+                                a.eval_batch_size, progress=progress)
+    for s in samples:
+        append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": run.step, **s})
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def train(args) -> dict:
+    """Run args.algo for args.T steps; write the run folder; return the final eval metrics."""
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    resuming = (out / "checkpoint" / "trainer_state.pt").exists() and args.resume
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    base, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                           trust_remote_code=args.trust_remote_code)
+    train_rows, test_rows = load_rows(args)
+    needs_ref = args.beta > 0 and args.algo != "sft"
+    ref = None
+    if resuming:
+        model, _ = load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)
+        if needs_ref and args.algo == "sft-rft":
+            ref = (load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
+                   if (out / "checkpoint" / "ref").exists() else None)
+        elif needs_ref:
+            ref = frozen_copy(base)
+        del base
+    else:
+        model = base
+        ref = frozen_copy(model) if needs_ref and args.algo != "sft-rft" else None
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "samples.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    optimizer, scheduler = make_optimizer(model, args)
+    run = Run(args, model, tok, ref, optimizer, scheduler, train_rows, test_rows, random.Random(args.seed),
+              torch.Generator(device="cpu").manual_seed(args.seed), out)
+    if model.device.type != "cpu":
+        run.generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    if resuming:
+        restore_checkpoint(run)
+        print(f"resumed {out} at step {run.step}")
+    else:
+        first = {"step": 0, **run_eval(run, progress=True)}
+        append_jsonl(out / "metrics.jsonl", first)
+        print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  reward {first['eval_reward']:.3f}  "
+              f"format {first['eval_format_rate']:.3f}  ({len(test_rows)} held-out problems)")
+    bar = tqdm(range(run.step + 1, args.T + 1), desc=args.algo, initial=run.step, total=args.T)
+    for step in bar:
+        run.step = step
+        start = time.perf_counter()
+        try:
+            metrics = training_step(run)
+        except FloatingPointError as err:
+            bar.close()
+            raise UserError(f"{err}: stopped; the last good checkpoint is in {out / 'checkpoint'} "
+                            "(try a lower --learning_rate)") from None
+        metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
+        if step % args.eval_steps == 0 or step == args.T:
+            metrics.update(run_eval(run))
+            tqdm.write(f"step {step} | accuracy {metrics['eval_accuracy']:.3f}  reward {metrics['eval_reward']:.3f}"
+                       f"  format {metrics['eval_format_rate']:.3f}")
+        append_jsonl(out / "metrics.jsonl", metrics)
+        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("reward_mean", "hint_fraction", "loss") if k in metrics})
+        if step % args.save_steps == 0 or step == args.T:
+            save_checkpoint(run)
+    bar.close()
+    plot_run(out)
+    history = read_jsonl(out / "metrics.jsonl")
+    evals = [m for m in history if "eval_accuracy" in m]
+    return {"base_accuracy": evals[0]["eval_accuracy"], "final_accuracy": evals[-1]["eval_accuracy"],
+            "output_dir": str(out)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in base model: the tiny Llama after a short, cached supervised warm-up on countdown
+# ----------------------------------------------------------------------------------------------------------
+
+# What the built-in base model saw (reported in the README). Randomly initialised weights cannot learn the
+# never-hinted answer tail by RL, so the base is first taught the format and some arithmetic by plain SFT on
+# problems that can never be in a held-out split (see `is_heldout`).
+BASE_RECIPE = dict(
+    version=1,             # bump to rebuild every cached base model
+    num_problems=20_000,   # training problems (3 numbers), drawn from the non-held-out half of problem space
+    steps=300,             # SFT steps
+    batch_size=64,         # problems per step
+    learning_rate=3e-3,    # AdamW, cosine decay after 5% warm-up
+    seed=1234)             # problem draw and initialisation
+
+
+def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
+    """Folder of the built-in base model; built once (a few minutes on a laptop CPU), then loaded from cache."""
+    from types import SimpleNamespace
+    from tqdm.auto import tqdm
+
+    folder = Path(cache_dir) / f"builtin-base-v{recipe['version']}"
+    if (folder / "config.json").exists():
+        return folder
+    model, tok = load_model(str(builtin_init(cache_dir)), device="cpu")
+    rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=3, max_nums=3,
+                              heldout=False)
+    args = SimpleNamespace(learning_rate=recipe["learning_rate"], weight_decay=0.01, warmup_ratio=0.05,
+                           lr_scheduler="cosine", T=recipe["steps"], max_grad_norm=1.0,
+                           micro_batch_size=recipe["batch_size"])
+    optimizer, scheduler = make_optimizer(model, args)
+    run = Run(args, model, tok, None, optimizer, scheduler, rows, [], random.Random(0), torch.Generator(), folder)
+    bar = tqdm(range(1, recipe["steps"] + 1), desc=f"building the base model (once; cached in {folder})",
+               disable=not progress)
+    for step in bar:
+        batch = [rows[i] for i in rows_for_step(len(rows), recipe["batch_size"], step, recipe["seed"])]
+        bar.set_postfix(nll=f"{sft_update(run, sft_batch(run, batch))['loss']:.3f}")
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    save_atomically(save, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def load_rows(args) -> tuple[list[dict], list[dict]]:
+    """(train, test) rows: the built-in countdown split, or --data / --test_data files of the released schema."""
+    if args.data == "countdown":
+        return countdown_split(args.num_train, args.num_test, seed=args.seed, min_nums=args.min_nums,
+                               max_nums=args.max_nums)
+    train_rows = load_task_rows(args.data)[: args.num_train]
+    if args.test_data:
+        return train_rows, load_task_rows(args.test_data)[: args.num_test]
+    return train_rows[args.num_test:], train_rows[: args.num_test]
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="uft.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="UFT and its baselines (SFT, RFT, SFT-RFT, R3) on countdown. With no flags: UFT on the "
+                    "built-in ~1M-parameter model, CPU, a few minutes. Defaults are CPU-sized; the paper's "
+                    "GPU settings are in the README.")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--algo", default="uft", choices=list(ALGOS), help="what to train")
+    g.add_argument("--T", type=int, default=100, help="training steps")
+    g.add_argument("--T_hint", type=int, default=60, help="steps with hints; no hint after it (plain RFT)")
+    g.add_argument("--p_low", type=float, default=0.05, help="hint fraction at the end of the cosine decay")
+    g.add_argument("--p_high", type=float, default=0.95, help="hint fraction at the start of the cosine decay")
+    g.add_argument("--hint_schedule", default=None, choices=SCHEDULES,
+                   help="override the algo's schedule (uft: cosine, r3: uniform, rft: none); staged = ablation")
+    g.add_argument("--sft_steps", type=int, default=None, help="sft-rft: SFT steps before RFT (default T // 2)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--num_generations", type=int, default=8, help="G: rollouts per prompt (one group)")
+    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range")
+    g.add_argument("--beta", type=float, default=0.001, help="k3 KL coefficient; 0 keeps no reference model")
+    g.add_argument("--entropy_coef", type=float, default=0.001, help="entropy bonus on response tokens")
+    g.add_argument("--sft_loss_coef", type=float, default=0.5,
+                   help="hint-token NLL coefficient (uft only; released GPU default 0.001)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=8, help="prompts per step (SFT: problems per step)")
+    g.add_argument("--mini_batch_size", type=int, default=8, help="prompts per optimizer update (PPO mini-batch)")
+    g.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass (gradient accumulation)")
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine"], help="after warm-up")
+    g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of T spent warming up")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (eval is greedy)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    g.add_argument("--top_k", type=int, default=0, help="top-k sampling; 0 = off")
+    g.add_argument("--max_completion_length", type=int, default=96, help="new tokens per rollout / eval answer")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="countdown", help="'countdown' (built in) or a .parquet/.jsonl file")
+    g.add_argument("--test_data", default=None, help="held-out file (default: the first num_test rows of --data)")
+    g.add_argument("--num_train", type=int, default=5000, help="training problems")
+    g.add_argument("--num_test", type=int, default=500, help="held-out problems for evaluation")
+    g.add_argument("--min_nums", type=int, default=3, help="built-in countdown: fewest numbers per problem")
+    g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=BUILTIN, help="'builtin', a hub id, or a local folder")
+    g.add_argument("--gguf_file", default=None, help="a .gguf file (in --model's folder, or a full path)")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=None, help="run folder (default runs/<algo>-<time>)")
+    g.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
+    g.add_argument("--eval_steps", type=int, default=25, help="evaluate every this many steps")
+    g.add_argument("--eval_batch_size", type=int, default=256, help="prompts per greedy eval batch")
+    g.add_argument("--save_steps", type=int, default=25, help="checkpoint every this many steps")
+    g.add_argument("--seed", type=int, default=0, help="data order, hints, sampling and initialisation")
+    return p
+
+
+def check_args(p, args) -> None:
+    """Invalid combinations fail at start, argparse-style (usage line + message, exit 2)."""
+    rl = args.algo != "sft"
+    for name in ("T", "batch_size", "mini_batch_size", "micro_batch_size", "max_completion_length",
+                 "num_train", "num_test", "eval_steps", "save_steps", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive (got {getattr(args, name)})")
+    if not 0 <= args.p_low <= args.p_high <= 1:
+        p.error(f"need 0 <= --p_low <= --p_high <= 1 (got p_low={args.p_low}, p_high={args.p_high})")
+    if not 0 < args.T_hint <= args.T:
+        p.error(f"--T_hint must be in 1..T={args.T} (got {args.T_hint})")
+    if rl and args.num_generations < 2:
+        p.error(f"--num_generations must be >= 2 for --algo {args.algo}: group advantages need a group")
+    if args.batch_size % args.mini_batch_size:
+        p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size {args.mini_batch_size}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        p.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
+    if min(args.beta, args.entropy_coef, args.sft_loss_coef, args.epsilon) < 0 or args.learning_rate <= 0:
+        p.error("--beta, --entropy_coef, --sft_loss_coef, --epsilon must be >= 0 and --learning_rate > 0")
+    if not 3 <= args.min_nums <= args.max_nums <= 4:
+        p.error(f"need 3 <= --min_nums <= --max_nums <= 4 (got {args.min_nums}, {args.max_nums})")
+    if args.sft_steps is None:
+        args.sft_steps = args.T // 2
+    if args.algo == "sft-rft" and not 0 < args.sft_steps < args.T:
+        p.error(f"--sft_steps must be in 1..T-1 for sft-rft (got {args.sft_steps})")
+    if args.data != "countdown" and not Path(args.data).is_file():
+        p.error(f"--data {args.data!r}: not 'countdown' and no such file")
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.resume:
+        config = Path(args.resume) / "config.json"
+        if not (Path(args.resume) / "checkpoint" / "trainer_state.pt").exists() or not config.exists():
+            p.error(f"--resume {args.resume!r}: no checkpoint there (expected checkpoint/trainer_state.pt)")
+        saved = json.loads(config.read_text())
+        saved.update(resume=args.resume, output_dir=args.resume)
+        args = argparse_namespace(saved)
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_args(p, args)
+    return args
+
+
+def argparse_namespace(d: dict):
+    import argparse
+    return argparse.Namespace(**d)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        start = time.time()
+        result = train(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    minutes = (time.time() - start) / 60
+    print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> {result['final_accuracy']:.3f} "
+          f"after {args.T} steps, {minutes:.1f} min. Run folder: {result['output_dir']} (plot.png, metrics.jsonl)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Hint schedule and the policy-gradient objective, term by term."""
+import math
+import random
+
+import pytest
+import torch
+
+import uft
+
+
+def test_hint_fraction_at_the_named_points():
+    lo, hi, T = 0.05, 0.95, 300
+    assert uft.hint_fraction(1, T, lo, hi) == pytest.approx(lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi / T)))
+    assert uft.hint_fraction(1, T, lo, hi) > 0.94                 # starts near p_high
+    assert uft.hint_fraction(T // 2, T, lo, hi) == pytest.approx((lo + hi) / 2)
+    assert uft.hint_fraction(T, T, lo, hi) == pytest.approx(lo)   # cos(pi) = -1
+    assert uft.hint_fraction(T + 1, T, lo, hi) == 0.0
+    values = [uft.hint_fraction(t, T, lo, hi) for t in range(1, T + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))        # monotone decay
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_binomial_hint_length_has_mean_p_times_K(p):
+    rng, K, n = random.Random(0), 4, 20000
+    T_hint = 1000
+    t = next(t for t in range(1, T_hint + 1) if uft.hint_fraction(t, T_hint) <= p)   # a step where p(t) ~ p
+    q = uft.hint_fraction(t, T_hint)
+    draws = [uft.hint_chunks("cosine", t, K, rng, T_hint, 0.05, 0.95) for _ in range(n)]
+    assert sum(draws) / n == pytest.approx(q * K, abs=4 * math.sqrt(K * q * (1 - q) / n))
+    assert set(draws) <= set(range(K + 1))
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_cut_points(n):
+    cuts = uft.cut_points(n)
+    K = min(5, n)
+    assert len(cuts) == K + 1 and cuts[0] == 0 and cuts[-1] == n
+    assert all(a < b for a, b in zip(cuts, cuts[1:]))               # strictly increasing: every chunk non-empty
+    assert cuts == [round(i * n / K) for i in range(K)] + [n]
+
+
+def test_hints_are_prefixes_and_never_contain_the_answer():
+    frags = ["1 + 2 = 3\n", "3 * 4 = 12\n", "Therefore, the final equation is (1 + 2) * 4"]
+    rng = random.Random(0)
+    for schedule in uft.SCHEDULES:
+        for t in (1, 50, 100, 200):
+            hint, frac = uft.sample_hint(frags, schedule, t, rng, T_hint=100)
+            assert "".join(frags).startswith(hint) and "<answer>" not in hint and "</think>" not in hint
+            assert 0 <= frac <= 1
+    assert uft.sample_hint(frags, "none", 1, rng)[0] == ""
+    assert uft.sample_hint(frags, "cosine", 101, rng, T_hint=100)[0] == ""     # no hint after T_hint
+    staged = [uft.hint_chunks("staged", t, 3, rng, 100, 0, 1) for t in range(1, 101)]
+    assert staged[0] == 3 and staged[-1] == 0 and all(a >= b for a, b in zip(staged, staged[1:]))
+    uniform = [uft.hint_chunks("uniform", 1, 3, rng, 100, 0, 1) for _ in range(2000)]
+    assert set(uniform) == {0, 1, 2, 3}
+
+
+def test_group_advantages():
+    r = torch.tensor([[1.0, 0.1, 0.1, 0.0], [0.1, 0.1, 0.1, 0.1]])
+    a = uft.group_advantages(r)
+    assert torch.allclose(a[0], (r[0] - r[0].mean()) / (r[0].std(unbiased=True) + 1e-6))
+    assert torch.equal(a[1], torch.zeros(4))
+    assert a[0].sum().abs() < 1e-5
+
+
+def terms(logp, old, adv, ref, mask, eps=0.2, beta=0.1):
+    pg = uft.policy_gradient_loss(logp, old, adv, eps)
+    return uft.masked_sum(pg + beta * uft.kl_k3(logp, ref), mask) / mask.sum()
+
+
+def test_equal_rewards_give_zero_policy_gradient():
+    logp = torch.randn(4, 6, requires_grad=True)
+    adv = uft.group_advantages(torch.full((1, 4), 0.1)).view(4, 1)
+    uft.masked_sum(uft.policy_gradient_loss(logp, logp.detach(), adv), torch.ones(4, 6, dtype=torch.bool)).backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
+    x = torch.randn(3, 5)
+    assert torch.equal(uft.kl_k3(x, x), torch.zeros_like(x))
+    assert (uft.kl_k3(x, x + 0.3) > 0).all()
+    y = torch.randn(3, 5, requires_grad=True)
+    uft.kl_k3(y, y.detach()).sum().backward()
+    assert torch.allclose(y.grad, torch.zeros_like(y))            # zero gradient at equality too
+
+
+def test_ppo_clip_stops_the_gradient_outside_the_trust_region():
+    old = torch.zeros(1, 3)
+    logp = torch.tensor([[0.5, 0.0, -0.5]], requires_grad=True)   # ratios e^.5 > 1.2, 1, e^-.5 < .8
+    uft.policy_gradient_loss(logp, old, torch.ones(1, 1), 0.2).sum().backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and logp.grad[0, 2] != 0
+
+
+def test_token_entropy_matches_definition():
+    logits = torch.randn(2, 3, 7)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(uft.token_entropy(logits), -(p * p.log()).sum(-1))
+    assert torch.allclose(uft.token_entropy(torch.zeros(1, 8)), torch.tensor([math.log(8)]))
+    assert torch.isfinite(uft.token_entropy(torch.randn(1, 8), vocab_size=5)).all()   # -inf padded ids
+
+
+def test_hint_nll_of_no_tokens_is_zero_not_nan():
+    logp = torch.randn(2, 3, requires_grad=True)
+    loss = uft.hint_nll(logp, torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0 and not torch.isnan(loss)
+    loss.backward()
+
+
+def untouched(t):
+    return t.grad is None or bool((t.grad == 0).all())
+
+
+def test_each_term_touches_only_its_tokens(tokenizer, llama):
+    """Autograd on the per-token log-probs: NLL only on hint positions, PG/KL only on response positions."""
+    prompts = [[5, 6, 7, 8, 9], [5, 6, 7], [5, 6, 7, 8]]
+    hint_lengths = [2, 0, 1]
+    targets = [[10, 11, 12], [13], [14, 15]]
+    batch = uft.make_batch(prompts, targets, hint_lengths, tokenizer.pad_token_id,
+                           advantages=torch.tensor([1.0, -0.5, 0.3]))
+    hint_logp, logp, _ = uft.score(llama, batch, 1.0, len(tokenizer))
+    assert hint_logp.shape == (3, 2) and logp.shape == (3, 3)
+    hint_logp.retain_grad(), logp.retain_grad()
+    n_resp, n_hint = int(batch.target_mask.sum()), int(batch.hint_mask.sum())
+    uft.hint_nll(hint_logp, batch.hint_mask, n_hint).backward(retain_graph=True)
+    assert ((hint_logp.grad != 0) == batch.hint_mask).all() and untouched(logp)
+    hint_logp.grad = logp.grad = None
+    ref = logp.detach() - 0.1
+    loss = uft.masked_sum(uft.policy_gradient_loss(logp, logp.detach() + 0.05, batch.advantages[:, None])
+                          + 0.1 * uft.kl_k3(logp, ref), batch.target_mask) / n_resp
+    loss.backward()
+    assert ((logp.grad != 0) == batch.target_mask).all()
+    assert untouched(hint_logp)
+    # the hint mask marks exactly the last hint_length prompt tokens
+    assert batch.hint_mask.tolist() == [[True, True], [False, False], [False, True]]
+    H = batch.hint_mask.shape[1]
+    S = batch.ids.shape[1] - batch.target_mask.shape[1]
+    assert batch.ids[0, S - H:S].tolist() == [8, 9] and batch.ids[2, S - 1].item() == 8
+
+
+def test_score_equals_sequence_logprobs(tokenizer, llama):
+    batch = uft.make_batch([[5, 6, 7, 8, 9], [5, 6]], [[10, 11], [12]], [1, 1], tokenizer.pad_token_id)
+    hint_logp, logp, _ = uft.score(llama, batch, 0.8, len(tokenizer))
+    full = uft.sequence_logprobs(llama, batch.ids, batch.attention, 0.8, len(tokenizer))
+    torch.testing.assert_close(logp, full[:, -2:])
+    torch.testing.assert_close(hint_logp, full[:, -3:-2])
