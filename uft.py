@@ -826,19 +826,19 @@ def hint_chunks(schedule: str, t: int, K: int, rng: random.Random, T_hint: int, 
 
 
 def sample_hint(fragments: list[str], schedule: str, t: int, rng: random.Random, T_hint: int = 300,
-                p_low: float = 0.05, p_high: float = 0.95, max_chunks: int = 5) -> tuple[str, float]:
-    """(hint text, revealed fraction k / K) for one prompt at step t.
+                p_low: float = 0.05, p_high: float = 0.95, max_chunks: int = 5) -> tuple[str, int, float]:
+    """(hint text, number of fragments it spans, revealed fraction k / K) for one prompt at step t.
 
     The fragments hold the reasoning only; `</think>` and the `<answer>` tail are never part of a hint.
     >>> sample_hint(["1 + 2 = 3\\n", "3 * 4 = 12\\n", "Therefore, ..."], "cosine", 1, random.Random(0))
-    ('1 + 2 = 3\\n3 * 4 = 12\\nTherefore, ...', 1.0)
+    ('1 + 2 = 3\\n3 * 4 = 12\\nTherefore, ...', 3, 1.0)
     """
     cuts = cut_points(len(fragments), max_chunks)
     K = len(cuts) - 1
     if K == 0:
-        return "", 0.0
+        return "", 0, 0.0
     k = hint_chunks(schedule, t, K, rng, T_hint, p_low, p_high)
-    return "".join(fragments[: cuts[k]]), k / K
+    return "".join(fragments[: cuts[k]]), cuts[k], k / K
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -976,6 +976,22 @@ class Run:
             self.token_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.token_cache[text]
 
+    def answer_ids(self, row: dict) -> list[int]:
+        """The answer tokenised fragment by fragment, so that every hint's tokens are a prefix of it."""
+        return answer_token_ids(row, self.encode)
+
+
+def answer_token_ids(row: dict, encode) -> list[int]:
+    """Tokens of the full answer = tokens of each hint fragment ++ tokens of the tail (</think> <answer>...).
+
+    A hint is tokenised on its own when it joins the prompt; tokenising the SFT target the same way keeps
+    SFT, hinted prompts and the hint NLL on identical token boundaries (BPE merges may cross fragments).
+    """
+    reasoning = "".join(row["hint"])
+    if not row["answer"].startswith(reasoning):
+        return encode(row["answer"])
+    return [t for f in row["hint"] for t in encode(f)] + encode(row["answer"][len(reasoning):])
+
 
 def rows_for_step(num_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Row indices of step `step` (from 1): a fresh seeded permutation each epoch, so resuming needs only the step."""
@@ -993,6 +1009,13 @@ def micro_batches(num_rows: int, size: int):
         yield torch.arange(start, min(start + size, num_rows))
 
 
+def backward(loss: torch.Tensor, run: Run) -> None:
+    """loss.backward(), refusing a non-finite loss before it reaches the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {run.step}")
+    loss.backward()
+
+
 def optimizer_step(run: Run) -> float:
     """Clip, step, schedule; returns the pre-clip gradient norm."""
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
@@ -1005,7 +1028,7 @@ def optimizer_step(run: Run) -> float:
 def sft_batch(run: Run, rows: list[dict]) -> Batch:
     """question -> answer + EOS; only the answer and its EOS are targets (the prompt is masked by layout)."""
     eos = run.tokenizer.eos_token_id
-    return make_batch([run.encode(r["question"]) for r in rows], [run.encode(r["answer"]) + [eos] for r in rows],
+    return make_batch([run.encode(r["question"]) for r in rows], [run.answer_ids(r) + [eos] for r in rows],
                       [0] * len(rows), run.tokenizer.pad_token_id, device=run.model.device)
 
 
@@ -1018,8 +1041,8 @@ def sft_update(run: Run, batch: Batch) -> dict:
         part = batch.rows(index)
         _, logp, _ = score(run.model, part, 1.0, len(run.tokenizer))
         loss = hint_nll(logp, part.target_mask, num_tokens=total)
-        loss.backward()
-        loss_sum += float(loss)
+        backward(loss, run)
+        loss_sum += loss.item()
     return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": optimizer_step(run)}
 
 
@@ -1033,7 +1056,7 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     a, tok = run.args, run.tokenizer
     hints = [sample_hint(r["hint"], hint_schedule, step, run.rng, a.T_hint, a.p_low, a.p_high) for r in rows]
     q_ids = [run.encode(r["question"]) for r in rows]
-    h_ids = [tok(h, add_special_tokens=False)["input_ids"] if h else [] for h, _ in hints]
+    h_ids = [[t for f in r["hint"][:n] for t in run.encode(f)] for r, (_, n, _) in zip(rows, hints)]
     prompts = [q + h for q, h in zip(q_ids, h_ids)]
     start = time.perf_counter()
     out = generate(run.model, tok, prompts, num_generations=a.num_generations,
@@ -1045,6 +1068,7 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     owner = out.prompt_index.tolist()
     rewards = torch.tensor([reward_of(rows[p], rows[p]["question"] + hints[p][0] + t) for p, t in zip(owner, texts)])
     grouped = rewards.view(len(rows), a.num_generations)                          # (B, G)
+    drawn = sum(f for _, _, f in hints) / len(hints)                               # mean k / K this step
     adv = group_advantages(grouped).view(-1)                                       # (N,)
     batch = make_batch([prompts[p] for p in owner], completions, [len(h_ids[p]) for p in owner], tok.pad_token_id,
                        advantages=adv, device=run.model.device)
@@ -1052,8 +1076,8 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
              "train_accuracy": float((rewards == 1.0).float().mean()),
              "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
              "hint_fraction": hint_fraction(step, a.T_hint, a.p_low, a.p_high) if hint_schedule == "cosine" else
-             float(sum(f for _, f in hints) / len(hints)),
-             "hint_fraction_drawn": float(sum(f for _, f in hints) / len(hints)),
+             drawn,
+             "hint_fraction_drawn": drawn,
              "response_length": float(out.lengths.float().mean()),
              "truncated": float((~out.finished).float().mean()),
              "rollout_tokens_per_s": float(out.lengths.sum()) / max(seconds, 1e-9)}
@@ -1074,13 +1098,13 @@ def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: in
     old = logp.detach() if old_logp is None else old_logp         # one update per step: the ratio is exactly 1
     mask = part.target_mask
     per_token = policy_gradient_loss(logp, old, part.advantages[:, None], a.epsilon)   # (n, L)
-    stats = {"pg_loss": float(masked_sum(per_token, mask)) / max(n_response, 1)}
+    stats = {"pg_loss": masked_sum(per_token, mask).item() / max(n_response, 1)}
     if run.ref is not None:
         with torch.no_grad():
             _, ref_logp, _ = score(run.ref, part, a.temperature, vocab)
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + a.beta * kl
-        stats["kl"] = float(masked_sum(kl, mask)) / max(n_response, 1)
+        stats["kl"] = masked_sum(kl, mask).item() / max(n_response, 1)
     if entropy is not None:
         per_token = per_token - a.entropy_coef * entropy
         stats["entropy"] = float(masked_sum(entropy.detach(), mask)) / max(n_response, 1)
@@ -1088,7 +1112,7 @@ def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: in
     if use_hint_nll and a.sft_loss_coef > 0:
         nll = hint_nll(hint_logp, part.hint_mask, num_tokens=n_hint)
         loss = loss + a.sft_loss_coef * nll
-        stats["hint_nll"] = float(nll)
+        stats["hint_nll"] = nll.item()
     return loss, stats
 
 
@@ -1112,12 +1136,10 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
             part = mini.rows(index)
             old = None if old_logp is None else old_logp[update][index]
             loss, stats = rl_loss(run, part, old, n_response, n_hint, use_hint_nll)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({float(loss)}) at step {run.step}")
-            loss.backward()
+            backward(loss, run)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / len(updates)
-            totals["loss"] = totals.get("loss", 0.0) + float(loss) / len(updates)
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(updates)
         norms.append(optimizer_step(run))
     totals["grad_norm"] = sum(norms) / len(norms)
     return totals
@@ -1507,8 +1529,19 @@ def argparse_namespace(d: dict):
     return argparse.Namespace(**d)
 
 
+def quiet_libraries() -> None:
+    """Silence transformers'/datasets' own progress bars and notices: the run shows its own."""
+    import datasets
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         start = time.time()
         result = train(args)

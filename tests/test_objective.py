@@ -44,7 +44,8 @@ def test_hints_are_prefixes_and_never_contain_the_answer():
     rng = random.Random(0)
     for schedule in uft.SCHEDULES:
         for t in (1, 50, 100, 200):
-            hint, frac = uft.sample_hint(frags, schedule, t, rng, T_hint=100)
+            hint, n, frac = uft.sample_hint(frags, schedule, t, rng, T_hint=100)
+            assert hint == "".join(frags[:n])
             assert "".join(frags).startswith(hint) and "<answer>" not in hint and "</think>" not in hint
             assert 0 <= frac <= 1
     assert uft.sample_hint(frags, "none", 1, rng)[0] == ""

@@ -1,0 +1,145 @@
+"""The training loop end to end on a tiny model: every algo, the run folder, resume, bad input."""
+import json
+
+import pytest
+import torch
+
+import uft
+from conftest import make_llama
+
+TIMING = ("step_seconds", "rollout_tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a tokenizer trained on countdown text, saved like a user's model folder."""
+    rows = uft.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
+    tok = uft.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
+    folder = tmp_path_factory.mktemp("tiny-countdown")
+    make_llama(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def flags(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--output_dir", str(out), "--device", "cpu", "--T", "4", "--T_hint", "3",
+            "--num_train", "24", "--num_test", "6", "--batch_size", "2", "--mini_batch_size", "1",
+            "--num_generations", "3", "--max_completion_length", "6", "--eval_steps", "2", "--save_steps", "2",
+            "--micro_batch_size", "4", "--learning_rate", "1e-3", *extra]
+
+
+def metrics_of(out):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in uft.read_jsonl(out / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("algo", list(uft.ALGOS))
+def test_every_algo_trains_and_writes_a_complete_run_folder(tiny_dir, tmp_path, algo):
+    out = tmp_path / algo
+    assert uft.main(flags(tiny_dir, out, "--algo", algo, "--sft_steps", "2")) == 0
+    for name in ("config.json", "metrics.jsonl", "plot.png", "checkpoint/config.json",
+                 "checkpoint/trainer_state.pt", "checkpoint/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["algo"] == algo
+    before, _ = uft.load_model(str(tiny_dir), device="cpu")
+    after, _ = uft.load_model(str(out / "checkpoint"), device="cpu")
+    changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
+    assert sum(changed) > len(changed) // 2
+    metrics = uft.read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert "eval_accuracy" in metrics[0] and "eval_accuracy" in metrics[-1]
+    phases = [m["phase"] for m in metrics[1:]]
+    assert phases == {"sft": ["sft"] * 4, "sft-rft": ["sft", "sft", "rl", "rl"]}.get(algo, ["rl"] * 4)
+    if algo != "sft":
+        rl = [m for m in metrics[1:] if m["phase"] == "rl"]
+        for key in ("reward_mean", "reward_std", "zero_std_groups", "hint_fraction", "response_length",
+                    "truncated", "kl", "entropy", "grad_norm", "rollout_tokens_per_s"):
+            assert all(key in m for m in rl), key
+        assert ("hint_nll" in rl[0]) == (algo == "uft")
+        drawn = [m["hint_fraction_drawn"] for m in rl]
+        assert (max(drawn) == 0) == (algo in ("rft", "sft-rft"))
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert uft.main(flags(tiny_dir, whole, "--algo", "uft")) == 0
+    real_step = uft.training_step
+
+    def crash_at_3(run):
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return real_step(run)
+    monkeypatch.setattr(uft, "training_step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        uft.main(flags(tiny_dir, split, "--algo", "uft"))
+    monkeypatch.setattr(uft, "training_step", real_step)
+    assert (split / "checkpoint" / "trainer_state.pt").exists()
+    assert uft.main(["--resume", str(split)]) == 0
+    assert metrics_of(split) == metrics_of(whole)
+    a, _ = uft.load_model(str(whole / "checkpoint"), device="cpu")
+    b, _ = uft.load_model(str(split / "checkpoint"), device="cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    real = uft.policy_gradient_loss
+
+    def nan_at_3(logp, old, adv, eps=0.2):
+        loss = real(logp, old, adv, eps)
+        return loss * float("nan") if nan_at_3.run_step() == 3 else loss
+    real_step = uft.training_step
+    current = {}
+
+    def track(run):
+        current["step"] = run.step
+        return real_step(run)
+    nan_at_3.run_step = lambda: current.get("step")
+    monkeypatch.setattr(uft, "policy_gradient_loss", nan_at_3)
+    monkeypatch.setattr(uft, "training_step", track)
+    assert uft.main(flags(tiny_dir, out, "--algo", "rft")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 3" in err and "checkpoint" in err
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    assert not list(out.glob("checkpoint.tmp-*"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--p_low", "0.9", "--p_high", "0.1"], "p_low"),
+    (["--T", "10", "--T_hint", "20"], "T_hint"),
+    (["--num_generations", "1"], "num_generations"),
+    (["--batch_size", "6", "--mini_batch_size", "4"], "divisible"),
+    (["--max_completion_length", "0"], "max_completion_length"),
+    (["--T", "-3"], "--T"),
+    (["--data", "no/such/file.parquet"], "no such file"),
+    (["--resume", "/no/such/run"], "no checkpoint"),
+])
+def test_bad_flags_fail_at_start_with_a_clear_message(bad, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        uft.parse_args(bad)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert uft.main(["--model", str(tmp_path / "missing" / "model"), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no such folder" in err and len(err.splitlines()) == 1
+
+
+def test_rows_for_step_covers_each_epoch_once():
+    seen = [i for step in range(1, 6) for i in uft.rows_for_step(10, 4, step, seed=0)]
+    assert sorted(seen[:8] + seen[8:10]) == list(range(10))       # first epoch: every row once
+    assert uft.rows_for_step(10, 4, 3, seed=0) == uft.rows_for_step(10, 4, 3, seed=0)
+    assert uft.rows_for_step(10, 4, 1, seed=0) != uft.rows_for_step(10, 4, 1, seed=1)
+
+
+def test_sft_targets_are_answer_plus_eos_and_hints_are_their_prefix(tiny_dir):
+    model, tok = uft.load_model(str(tiny_dir), device="cpu")
+    row = uft.generate_countdown(1, seed=3)[0]
+    run = uft.Run(None, model, tok, None, None, None, [], [], None, None, None)
+    batch = uft.sft_batch(run, [row])
+    target = batch.ids[0, -batch.target_mask.shape[1]:][batch.target_mask[0]].tolist()
+    assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == row["answer"]
+    hint_ids = [t for f in row["hint"][:2] for t in run.encode(f)]
+    assert target[: len(hint_ids)] == hint_ids
