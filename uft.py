@@ -1346,7 +1346,8 @@ def train(args) -> dict:
             tqdm.write(f"step {step} | accuracy {metrics['eval_accuracy']:.3f}  reward {metrics['eval_reward']:.3f}"
                        f"  format {metrics['eval_format_rate']:.3f}")
         append_jsonl(out / "metrics.jsonl", metrics)
-        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("reward_mean", "hint_fraction", "loss") if k in metrics})
+        shown = {"reward": "reward_mean", "acc": "train_accuracy", "hint": "hint_fraction", "loss": "loss"}
+        bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
         if step % args.save_steps == 0 or step == args.T:
             save_checkpoint(run)
     bar.close()
@@ -1367,7 +1368,7 @@ def train(args) -> dict:
 BASE_RECIPE = dict(
     version=1,             # bump to rebuild every cached base model
     num_problems=20_000,   # training problems (3 numbers), drawn from the non-held-out half of problem space
-    steps=300,             # SFT steps
+    steps=600,             # SFT steps (~38k problem presentations: about two epochs)
     batch_size=64,         # problems per step
     learning_rate=3e-3,    # AdamW, cosine decay after 5% warm-up
     seed=1234)             # problem draw and initialisation
@@ -1446,7 +1447,7 @@ def build_parser():
     g.add_argument("--batch_size", type=int, default=8, help="prompts per step (SFT: problems per step)")
     g.add_argument("--mini_batch_size", type=int, default=8, help="prompts per optimizer update (PPO mini-batch)")
     g.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass (gradient accumulation)")
-    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (released GPU runs: 1e-6)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine"], help="after warm-up")
     g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of T spent warming up")
@@ -1455,7 +1456,7 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (eval is greedy)")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 = off")
     g.add_argument("--top_k", type=int, default=0, help="top-k sampling; 0 = off")
-    g.add_argument("--max_completion_length", type=int, default=96, help="new tokens per rollout / eval answer")
+    g.add_argument("--max_completion_length", type=int, default=64, help="new tokens per rollout / eval answer")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="countdown", help="'countdown' (built in) or a .parquet/.jsonl file")
     g.add_argument("--test_data", default=None, help="held-out file (default: the first num_test rows of --data)")
