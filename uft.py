@@ -119,12 +119,12 @@ def save_atomically(save, folder: Path) -> None:
         tmp.rename(folder)
 
 
-def builtin_init(cache_dir: Path = DEFAULT_CACHE, seed: int = 0) -> Path:
-    """Create (once) the built-in model's tokenizer and randomly initialised weights; return its folder.
+def builtin_init(folder: Path, seed: int = 0) -> Path:
+    """Create (once) the built-in model's tokenizer and randomly initialised weights in `folder`.
 
     The tokenizer is trained on built-in countdown text, so the task's text is covered by merges.
     """
-    folder = Path(cache_dir) / f"builtin-init-s{seed}"
+    folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
     from transformers import LlamaForCausalLM
@@ -1366,7 +1366,7 @@ def train(args) -> dict:
 # never-hinted answer tail by RL, so the base is first taught the format and some arithmetic by plain SFT on
 # problems that can never be in a held-out split (see `is_heldout`).
 BASE_RECIPE = dict(
-    version=1,             # bump to rebuild every cached base model
+    version=2,             # bump to rebuild every cached base model (and its tokenizer)
     num_problems=20_000,   # training problems (3 numbers), drawn from the non-held-out half of problem space
     steps=600,             # SFT steps (~38k problem presentations: about two epochs)
     batch_size=64,         # problems per step
@@ -1379,10 +1379,10 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
     from types import SimpleNamespace
     from tqdm.auto import tqdm
 
-    folder = Path(cache_dir) / f"builtin-base-v{recipe['version']}"
+    folder = Path(cache_dir) / f"builtin-v{recipe['version']}" / "base"
     if (folder / "config.json").exists():
         return folder
-    model, tok = load_model(str(builtin_init(cache_dir)), device="cpu")
+    model, tok = load_model(str(builtin_init(folder.with_name("init"), recipe["seed"])), device="cpu")
     rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=3, max_nums=3,
                               heldout=False)
     args = SimpleNamespace(learning_rate=recipe["learning_rate"], weight_decay=0.01, warmup_ratio=0.05,

@@ -88,3 +88,21 @@ def test_smollm2_gguf_greedy_equals_transformers_generate():
         n = int(out.lengths[row])
         assert out.ids[row, :n].tolist() == ref[row, :n].tolist()
     assert "Paris" in tok.decode(out.ids[0])
+
+
+def test_builtin_base_is_built_once_and_loads(tmp_path):
+    recipe = dict(uft.BASE_RECIPE, version=0, num_problems=64, steps=2, batch_size=8)
+    folder = uft.builtin_base(tmp_path, recipe=recipe, progress=False)
+    assert folder == tmp_path / "builtin-v0" / "base"
+    assert uft.json.loads((folder / "recipe.json").read_text()) == recipe
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert uft.builtin_base(tmp_path, recipe=recipe, progress=False) == folder          # cached: not rebuilt
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    model, tok = uft.load_model(str(folder), device="cpu")
+    init, _ = uft.load_model(str(folder.with_name("init")), device="cpu")
+    assert not torch.equal(model.get_input_embeddings().weight, init.get_input_embeddings().weight)
+    row = uft.generate_countdown(1, seed=0)[0]
+    text = row["question"] + row["answer"]
+    assert tok.decode(tok(text)["input_ids"]) == text                  # the tokenizer covers the task's text
+    assert sum(ch.isdigit() for ch in text) == sum(t.isdigit() for t in tok.convert_ids_to_tokens(tok(text)["input_ids"]))
+    assert not list(tmp_path.glob("builtin-v0/*.tmp-*"))               # written atomically
