@@ -1413,10 +1413,17 @@ def load_rows(args) -> tuple[list[dict], list[dict]]:
     if args.data == "countdown":
         return countdown_split(args.num_train, args.num_test, seed=args.seed, min_nums=args.min_nums,
                                max_nums=args.max_nums)
-    train_rows = load_task_rows(args.data)[: args.num_train]
-    if args.test_data:
-        return train_rows, load_task_rows(args.test_data)[: args.num_test]
-    return train_rows[args.num_test:], train_rows[: args.num_test]
+    try:
+        rows = load_task_rows(args.data)
+        test_rows = load_task_rows(args.test_data) if args.test_data else None
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    if test_rows is not None:
+        return rows[: args.num_train], test_rows[: args.num_test]
+    if len(rows) <= args.num_test:
+        raise UserError(f"--data {args.data}: {len(rows)} rows leave nothing to train on after --num_test "
+                        f"{args.num_test} held-out rows; lower --num_test or pass --test_data")
+    return rows[args.num_test: args.num_test + args.num_train], rows[: args.num_test]
 
 
 def build_parser():

@@ -143,3 +143,19 @@ def test_sft_targets_are_answer_plus_eos_and_hints_are_their_prefix(tiny_dir):
     assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == row["answer"]
     hint_ids = [t for f in row["hint"][:2] for t in run.encode(f)]
     assert target[: len(hint_ids)] == hint_ids
+
+
+def test_data_file_of_the_released_schema_trains_and_a_bad_row_is_named(tiny_dir, tmp_path, capsys):
+    rows = uft.generate_countdown(30, seed=9, min_nums=3, max_nums=3)
+    good = tmp_path / "rows.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "from-file"
+    assert uft.main(flags(tiny_dir, out, "--algo", "uft", "--data", str(good), "--T", "1", "--T_hint", "1")) == 0
+    assert len(uft.read_jsonl(out / "metrics.jsonl")) == 2
+    bad = tmp_path / "bad.jsonl"
+    broken = [dict(r) for r in rows]
+    del broken[4]["target"]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in broken))
+    assert uft.main(flags(tiny_dir, tmp_path / "o2", "--data", str(bad))) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "row 4" in err and "target" in err
