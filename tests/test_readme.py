@@ -15,3 +15,17 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -m1 -- '-m pytest' README.md" in ci
     assert sum("-m pytest" in line for line in readme.splitlines()) >= 1
+
+
+def test_readme_flag_table_matches_the_parser():
+    import re
+    import uft
+    section = (ROOT / "README.md").read_text().split("\n## Flags\n")[1].split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `(--\w+)` \| ([^|]*) \|", section, flags=re.M))
+    for action in uft.build_parser()._actions:
+        flag = action.option_strings[0]
+        if flag in ("-h",):
+            continue
+        assert flag in rows, f"{flag} missing from the README's flag table"
+        shown = {"off": False, "—": None}.get(rows[flag].strip(), rows[flag].strip())
+        assert str(shown) == str(action.default), f"{flag}: README says {rows[flag]!r}, parser {action.default!r}"
