@@ -1213,12 +1213,11 @@ def restore_checkpoint(run: Run) -> None:
 
 def plot_run(out: Path) -> Path:
     """plot.png: held-out accuracy, training reward and hint fraction over steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure       # no pyplot: leaves the caller's (notebook's) backend alone
 
     metrics = read_jsonl(out / "metrics.jsonl")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig = Figure(figsize=(13, 3.4))
+    axes = fig.subplots(1, 3)
     for ax, key, title in zip(axes, ["eval_accuracy", "reward_mean", "hint_fraction"],
                               ["held-out accuracy (greedy, no hint)", "training reward (mean)", "hint fraction p(t)"]):
         pts = [(m["step"], m[key]) for m in metrics if key in m]
@@ -1229,7 +1228,6 @@ def plot_run(out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "plot.png", dpi=90)
-    plt.close(fig)
     return out / "plot.png"
 
 
