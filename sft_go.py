@@ -1,0 +1,904 @@
+"""SFT-GO: Supervised Fine-Tuning with Group Optimization (Kim, Thakur, Park, Wei, Bao; arXiv 2506.15021).
+
+Plain SFT averages the loss over every response token, so a few informative tokens are drowned by many
+easy ones. SFT-GO splits each response into an *important* and an *unimportant* token group and trains on
+
+    L_GO = (1 - lam) * L_CE + lam * max_g L_g        (L_g = token-mean loss of group g, lam = 0.9)
+
+This file holds the token-importance scores (TF-IDF, excess loss, a token classifier, random), the top-eta
+grouping, the worst-group loss (hard max or online Group-DRO weights), the lambda schedules, the Rho-1 and
+plain-CE baselines, and a trainer that writes a run folder. The method reference is
+shared/spec/sft_go.md; model loading, batches, scoring and countdown come from uft.py.
+
+Run:
+    python sft_go.py            # CPU, ~5-10 min: plain SFT, then SFT-GO (TF-IDF), same seed and budget,
+                                # on the built-in model and countdown; prints accuracy and per-group losses
+    python sft_go.py --loss go --grouping excess          # excess-loss groups (builds a cached reference)
+    python sft_go.py --loss ce,go,rho1 --grouping random  # the random-group control and the Rho-1 baseline
+    python sft_go.py --model meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16 \\
+        --data alpaca.jsonl --loss ce,go --grouping classifier \\
+        --classifier microsoft/llmlingua-2-xlm-roberta-large-meetingbank \\
+        --learning_rate 1e-5 --T 1000 --batch_size 64 --micro_batch_size 8    # one GPU, a hub model
+    python sft_go.py --help     # every flag with its default
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import html
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import uft
+from uft import (BUILTIN, DEFAULT_CACHE, DTYPES, Batch, UserError, append_jsonl, load_model, make_batch,
+                 make_optimizer, micro_batches, optimizer_step, read_jsonl, rows_for_step, save_atomically, score)
+
+UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding get -1
+LOSSES = ("ce", "go", "rho1")
+GROUPINGS = ("tfidf", "excess", "classifier", "random")
+LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exp")
+EXP_DECAY_RATE = 5.0    # 'exp' schedule: lam0 * exp(-5 t / T), i.e. lam is 0.7% of lam0 at the end
+WORD = re.compile(r"\w+|[^\w\s]")   # a word: a run of letters/digits/_ or one punctuation mark
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: rows {prompt, response} from built-in countdown, JSONL/JSON/parquet, Alpaca records
+# ----------------------------------------------------------------------------------------------------------
+
+PROMPT_KEYS = ("prompt", "question", "instruction")
+RESPONSE_KEYS = ("response", "answer", "output", "completion")
+
+
+def as_sft_row(record: dict) -> dict | None:
+    """Add `prompt` and `response` to a record; None if it has no response text.
+
+    Alpaca records (instruction, input, output) get a plain instruction/response template.
+    >>> as_sft_row({"instruction": "Add.", "input": "2 3", "output": "5"})["prompt"]
+    '### Instruction:\\nAdd.\\n\\n### Input:\\n2 3\\n\\n### Response:\\n'
+    """
+    response = next((record[k] for k in RESPONSE_KEYS if isinstance(record.get(k), str)), None)
+    if not response:
+        return None
+    if "instruction" in record and "prompt" not in record and "question" not in record:
+        extra = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
+        prompt = f"### Instruction:\n{record['instruction']}\n\n{extra}### Response:\n"
+    else:
+        prompt = next((record[k] for k in PROMPT_KEYS if isinstance(record.get(k), str)), "")
+    return {**record, "prompt": prompt, "response": response}
+
+
+def load_sft_rows(path: str) -> list[dict]:
+    """Rows of a .jsonl, .json or .parquet file; a file without a response column is a UserError."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        import datasets
+        records = list(datasets.Dataset.from_parquet(str(p)))
+    elif p.suffix == ".json":
+        records = json.loads(p.read_text())
+    else:
+        records = read_jsonl(p)
+    rows = [as_sft_row(r) for r in records]
+    if not records or any(r is None for r in rows):
+        found = sorted(records[0].keys()) if records else []
+        raise UserError(f"{path}: no response text (need one of the columns {', '.join(RESPONSE_KEYS)} with "
+                        f"non-empty strings); columns found: {', '.join(found) or 'none (empty file)'}")
+    return rows
+
+
+def load_rows(args) -> tuple[list[dict], list[dict]]:
+    """(train, test) rows: the built-in countdown split, or --data (and --test_data) files."""
+    if args.data == "countdown":
+        train, test = uft.countdown_split(args.num_train, args.num_test, seed=args.seed, min_nums=args.min_nums,
+                                          max_nums=args.max_nums)
+        return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
+    rows = load_sft_rows(args.data)
+    if args.test_data:
+        return rows[: args.num_train], load_sft_rows(args.test_data)[: args.num_test]
+    if len(rows) <= args.num_test:
+        raise UserError(f"--data {args.data}: {len(rows)} rows, need more than --num_test {args.num_test}")
+    return rows[args.num_test: args.num_test + args.num_train], rows[: args.num_test]
+
+
+def is_countdown(rows: list[dict]) -> bool:
+    """Countdown rows can be scored by greedy generation and the countdown reward."""
+    return all({"question", "nums", "target"} <= r.keys() for r in rows)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Token ids of a list of rows; each response ends with EOS, whose character span is empty."""
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    offsets: list[list[tuple[int, int]]]   # character span of each response token in the response text
+
+
+def response_pieces(row: dict) -> list[str]:
+    """The pieces a response is tokenised in: countdown answers fragment by fragment, as uft.answer_token_ids
+    does (so SFT-GO trains on the token boundaries the built-in model was trained on), anything else whole.
+
+    >>> response_pieces({"response": "1 + 2 = 3\\nSo 3 </think>", "hint": ["1 + 2 = 3\\n", "So 3"]})
+    ['1 + 2 = 3\\n', 'So 3', ' </think>']
+    """
+    hint = row.get("hint")
+    if isinstance(hint, list) and hint and row["response"].startswith("".join(hint)):
+        return hint + [row["response"][len("".join(hint)):]]
+    return [row["response"]]
+
+
+def encode_rows(tokenizer, rows: list[dict], max_prompt: int, max_response: int, offsets: bool = True) -> Encoded:
+    """Prompt and response tokenised separately (as the sampler sees them); long prompts keep their end.
+
+    offsets=False skips the character offsets (slow tokenizers have none; only word-level scores need them).
+    """
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    pieces = [response_pieces(r) for r in rows]
+    enc = tokenizer([p for ps in pieces for p in ps], add_special_tokens=False, return_offsets_mapping=offsets)
+    responses, spans, k = [], [], 0
+    for ps in pieces:
+        ids, offs, start = [], [], 0
+        for piece in ps:                                 # concatenate the pieces, shifting their offsets
+            ids += enc["input_ids"][k]
+            offs += [(a + start, b + start) for a, b in enc["offset_mapping"][k]] if offsets else []
+            start, k = start + len(piece), k + 1
+        responses.append((ids + [tokenizer.eos_token_id])[:max_response])
+        spans.append((offs + [(start, start)])[:max_response])          # EOS: an empty span at the end
+    return Encoded([p[-max_prompt:] for p in prompts], responses, spans if offsets else [])
+
+
+def check_offsets(tokenizer, what: str) -> None:
+    """Word-level scores need character offsets: only fast (Rust) tokenizers give them."""
+    try:
+        tokenizer("a b", add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        raise UserError(f"{what}: its tokenizer gives no offsets mapping (not a fast tokenizer), so its tokens "
+                        "cannot be aligned with words; use a model that ships a tokenizer.json") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token importance (spec section 2): a score per response token; higher = more important
+# ----------------------------------------------------------------------------------------------------------
+
+def smooth_idf(docs: list[list]) -> tuple[dict, float]:
+    """idf(t) = ln((1 + n) / (1 + df(t))) + 1 over n documents, and the idf of an unseen term (df = 0).
+
+    >>> smooth_idf([["a", "b"], ["b"]])       # df(a) = 1, df(b) = 2
+    ({'a': 1.4054651081081644, 'b': 1.0}, 2.09861228866811)
+    """
+    n = len(docs)
+    df = Counter(term for doc in docs for term in set(doc))
+    return {t: math.log((1 + n) / (1 + d)) + 1 for t, d in df.items()}, math.log(1 + n) + 1
+
+
+def tfidf_scores(docs: list[list], idf_docs: list[list] | None = None) -> list[list[float]]:
+    """tf-idf of every term occurrence: tf = count of the term in its document, idf from `idf_docs` (default docs).
+
+    Terms are token ids (`--tfidf_unit token`) or lower-cased words (`word`). Computed once, before training.
+    >>> tfidf_scores([["a", "b", "a"], ["b"]])   # idf(a) = ln(3/2) + 1, idf(b) = 1
+    [[2.8109302162163288, 1.0, 2.8109302162163288], [1.0]]
+    """
+    idf, unseen = smooth_idf(docs if idf_docs is None else idf_docs)
+    out = []
+    for doc in docs:
+        tf = Counter(doc)
+        out.append([tf[t] * idf.get(t, unseen) for t in doc])
+    return out
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the words of `text` (runs of \\w, or single punctuation marks).
+
+    >>> word_spans("(12 + 7) is 19")
+    [(0, 1), (1, 3), (4, 5), (6, 7), (7, 8), (9, 11), (12, 14)]
+    """
+    return [m.span() for m in WORD.finditer(text)]
+
+
+def spans_to_tokens(spans: list[tuple[int, int]], span_scores: list[float],
+                    token_offsets: list[tuple[int, int]], empty: float = 0.0) -> list[float]:
+    """Each token gets the max score of the spans its characters overlap; `empty` if it overlaps none.
+
+    A token like 'Ġ+' (offsets (2, 4) in "12 + 7") overlaps the word '+'; a bare space or EOS overlaps none.
+    >>> spans_to_tokens([(0, 2), (3, 4)], [0.2, 0.9], [(0, 1), (1, 2), (2, 4), (4, 5)])
+    [0.2, 0.2, 0.9, 0.0]
+    """
+    out = []
+    for start, end in token_offsets:
+        hits = [s for (a, b), s in zip(spans, span_scores) if start < b and a < end]
+        out.append(max(hits) if hits else empty)
+    return out
+
+
+def word_tfidf_scores(texts: list[str], offsets: list[list[tuple[int, int]]],
+                      idf_texts: list[str] | None = None) -> list[list[float]]:
+    """`--tfidf_unit word`: tf-idf of lower-cased words, moved onto the tokens that overlap each word."""
+    spans = [word_spans(t) for t in texts]
+    words = [[t[a:b].lower() for a, b in s] for t, s in zip(texts, spans)]
+    idf_words = None if idf_texts is None else [[t[a:b].lower() for a, b in word_spans(t)] for t in idf_texts]
+    scores = tfidf_scores(words, idf_words)
+    return [spans_to_tokens(s, w, o) for s, w, o in zip(spans, scores, offsets)]
+
+
+def subwords_to_words(spans: list[tuple[int, int]], subword_offsets: list[tuple[int, int]],
+                      subword_scores: list[float]) -> list[float]:
+    """Mean score of the classifier sub-words overlapping each word (0 for a word cut off by truncation).
+
+    >>> subwords_to_words([(0, 4), (5, 7)], [(0, 2), (2, 4), (5, 7)], [0.2, 0.6, 0.9])
+    [0.4, 0.9]
+    """
+    out = []
+    for a, b in spans:
+        hits = [s for (start, end), s in zip(subword_offsets, subword_scores) if start < b and a < end]
+        out.append(sum(hits) / len(hits) if hits else 0.0)
+    return out
+
+
+@torch.no_grad()
+def classifier_scores(classifier, cls_tokenizer, texts: list[str], offsets: list[list[tuple[int, int]]],
+                      label: int = 1, batch_size: int = 32) -> list[list[float]]:
+    """LLMLingua-2-style scores: P(label = keep) per classifier sub-word, averaged per word, max per LLM token."""
+    classifier.eval()
+    limit = min(cls_tokenizer.model_max_length, getattr(classifier.config, "max_position_embeddings", 512))
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        enc = cls_tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=limit, padding=True,
+                            return_tensors="pt")
+        sub_offsets = enc.pop("offset_mapping").tolist()                          # (b, S, 2)
+        enc = {k: v.to(classifier.device) for k, v in enc.items()}
+        keep = classifier(**enc).logits.float().softmax(-1)[..., label].cpu()     # (b, S)
+        for row, text in enumerate(chunk):
+            real = [(i, tuple(o)) for i, o in enumerate(sub_offsets[row]) if o[1] > o[0]]  # drops CLS/SEP/pad
+            spans = word_spans(text)
+            words = subwords_to_words(spans, [o for _, o in real], [float(keep[row, i]) for i, _ in real])
+            out.append(spans_to_tokens(spans, words, offsets[start + row]))
+    return out
+
+
+def random_scores(lengths: list[int], seed: int) -> list[list[float]]:
+    """The control: i.i.d. uniform scores, fixed per sample (a random split with the same eta)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, generator=g).tolist() for n in lengths]
+
+
+def excess_loss_scores(token_losses: torch.Tensor, ref_losses: torch.Tensor) -> torch.Tensor:
+    """Rho-1's score: current loss minus the reference's, detached (a token the reference already knows but the
+    model does not is learnable and matters). (B, L), (B, L) -> (B, L)."""
+    return token_losses.detach() - ref_losses
+
+
+def pad_scores(scores: list[list[float]], width: int, device=None) -> torch.Tensor:
+    """Per-row score lists -> (B, width), cut or zero-padded to the batch's response width."""
+    out = torch.zeros(len(scores), width)
+    for row, s in enumerate(scores):
+        s = s[:width]
+        out[row, : len(s)] = torch.tensor(s, dtype=torch.float32)
+    return out.to(device)
+
+
+def important_count(n: torch.Tensor, eta: float) -> torch.Tensor:
+    """How many of n tokens are important: round(eta n), halves up, kept in [1, n - 1] when n >= 2.
+
+    >>> important_count(torch.tensor([1, 2, 10, 11]), 0.3)
+    tensor([0, 1, 3, 3])
+    """
+    k = torch.floor(eta * n + 0.5).long()
+    return torch.where(n >= 2, k.clamp(min=1).minimum(n - 1), k)
+
+
+def top_eta_groups(scores: torch.Tensor, mask: torch.Tensor, eta: float = 0.3, per: str = "sample") -> torch.Tensor:
+    """Group ids (B, L): 1 for the top eta fraction of each sample's supervised tokens by score, 0 for the rest,
+    -1 where mask is False (prompt, padding). Ties go to the earlier position. per="batch" ranks all the
+    batch's tokens together (Rho-1's selection; ties then go to the earlier row).
+
+    >>> top_eta_groups(torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.0]]), torch.tensor([[1, 1, 1, 1, 0]]).bool(), 0.5)
+    tensor([[ 0,  1,  1,  0, -1]])
+    """
+    if per == "batch":
+        return top_eta_groups(scores.reshape(1, -1), mask.reshape(1, -1), eta).view_as(mask)
+    ranked = scores.float().masked_fill(~mask, float("-inf"))                 # (B, L)
+    order = ranked.argsort(dim=-1, descending=True, stable=True)              # stable: earlier first on ties
+    rank = order.argsort(dim=-1)                                              # (B, L) 0 = most important
+    k = important_count(mask.sum(-1), eta)                                    # (B,)
+    groups = (rank < k[:, None]).long()
+    return groups.masked_fill(~mask, UNSUPERVISED)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss (spec section 1): per-token losses first, reductions second
+# ----------------------------------------------------------------------------------------------------------
+
+def token_nll(model, batch: Batch, vocab_size: int) -> torch.Tensor:
+    """-log p(y_t | x, y_<t) for every target column, one forward: (B, L); read it through batch.target_mask."""
+    return -score(model, batch, 1.0, vocab_size)[1]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, reduce: str = "batch") -> tuple[torch.Tensor, bool]:
+    """(mean, non-empty): token-mean over the whole batch, or per sample then over the samples that have tokens.
+
+    An empty mask gives (0 with a graph, False) - callers decide; values outside the mask never leak in.
+    >>> masked_mean(torch.tensor([[1., 3.], [5., 0.]]), torch.tensor([[1, 1], [1, 0]]).bool(), "per_sample")
+    (tensor(3.5000), True)
+    """
+    values = torch.where(mask, values, torch.zeros_like(values))
+    if reduce == "batch":
+        n = mask.sum()
+        return values.sum() / n.clamp(min=1), bool(n > 0)
+    n = mask.sum(-1)                                                          # (B,)
+    has = n > 0
+    per_sample = values.sum(-1) / n.clamp(min=1)                              # (B,)
+    return (per_sample * has).sum() / has.sum().clamp(min=1), bool(has.any())
+
+
+def group_means(token_losses: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
+                reduce: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_g (2,), present (2,) bool) for g = 0 unimportant, 1 important."""
+    pairs = [masked_mean(token_losses, mask & (groups == g), reduce) for g in (UNIMPORTANT, IMPORTANT)]
+    means = torch.stack([m for m, _ in pairs])
+    return means, torch.tensor([p for _, p in pairs], device=means.device)
+
+
+def worst_group_loss(token_losses: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, lam: float,
+                     reduce: str = "batch", weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """L_GO = (1 - lam) L_CE + lam max_g L_g, and a dict of detached statistics.
+
+    token_losses, groups, mask: (B, L). An empty group is left out of the max, so with one group empty
+    L_GO = L_CE for any lam. weights (2,): use sum_g w_g L_g (Group-DRO's q, or Rho-1's (0, 1)) instead of the
+    hard max; weight on an empty group is dropped and the rest renormalised. A batch with no supervised
+    token raises ValueError (a silent 0 or NaN would hide a data bug).
+    With reduce="batch" a token's gradient weight is (1 - lam)/N, plus lam/N_w inside the worst group.
+    >>> losses = torch.tensor([[1.0, 3.0, 2.0]])
+    >>> loss, stats = worst_group_loss(losses, torch.tensor([[0, 1, 0]]), torch.ones(1, 3, dtype=torch.bool), 0.9)
+    >>> loss, stats["worst_group"]           # CE 2, L_0 = 1.5, L_1 = 3: 0.1 * 2 + 0.9 * 3
+    (tensor(2.9000), 1)
+    """
+    if not mask.any():
+        raise ValueError("worst_group_loss: no supervised token in the batch (every position is masked)")
+    ce, _ = masked_mean(token_losses, mask, reduce)
+    means, present = group_means(token_losses, groups, mask, reduce)
+    worst = int(means.detach().masked_fill(~present, float("-inf")).argmax())
+    if weights is None:
+        worst_loss = means[worst]
+    else:
+        w = weights.to(means.device) * present
+        w = w if w.sum() > 0 else present.float()
+        worst_loss = (w / w.sum() * means).sum()
+    loss = (1 - lam) * ce + lam * worst_loss
+    means = means.detach()
+    stats = {"ce": float(ce.detach()), "worst_group": worst if bool(present.all()) else -1,
+             "loss_unimportant": float(means[0]) if present[0] else None,
+             "loss_important": float(means[1]) if present[1] else None}
+    return loss, stats
+
+
+def update_dro_weights(q: torch.Tensor, group_losses: torch.Tensor, present: torch.Tensor,
+                       eta_q: float = 0.01) -> torch.Tensor:
+    """Online Group DRO (Sagawa et al. 2020): q_g <- q_g exp(eta_q L_g), renormalised; empty groups keep q_g.
+
+    >>> update_dro_weights(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 3.0]), torch.tensor([True, True]), 0.5)
+    tensor([0.2689, 0.7311])
+    """
+    q = q * torch.exp(eta_q * group_losses.detach().cpu() * present.cpu())
+    return q / q.sum()
+
+
+def lambda_at(step: int, T: int, lam0: float, schedule: str = "constant") -> float:
+    """lam at step t (from 1) of T: constant, or linear / cosine / exp decay from lam0 toward 0.
+
+    >>> [round(lambda_at(t, 10, 0.9, "linear"), 2) for t in (0, 5, 10)]
+    [0.9, 0.45, 0.0]
+    """
+    frac = min(max(step / T, 0.0), 1.0)
+    if schedule == "constant":
+        return lam0
+    if schedule == "linear":
+        return lam0 * (1 - frac)
+    if schedule == "cosine":
+        return lam0 * 0.5 * (1 + math.cos(math.pi * frac))
+    if schedule == "exp":
+        return lam0 * math.exp(-EXP_DECAY_RATE * frac)
+    raise ValueError(f"unknown lambda schedule {schedule!r}; choose one of {LAMBDA_SCHEDULES}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference model of the excess-loss grouping (and Rho-1)
+# ----------------------------------------------------------------------------------------------------------
+
+def ce_step(model, tokenizer, batch: Batch, micro_batch_size: int) -> float:
+    """Backward of plain token-mean NLL over a batch (accumulated over micro-batches); returns the loss."""
+    total, loss_sum = batch.target_mask.sum(), 0.0
+    for index in micro_batches(batch.ids.shape[0], micro_batch_size):
+        part = batch.rows(index)
+        loss = (token_nll(model, part, len(tokenizer)) * part.target_mask).sum() / total
+        loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum
+
+
+def reference_folder(args, model_path: str) -> Path:
+    """Cache folder of the default reference: named after everything that determines its weights."""
+    key = {k: getattr(args, k) for k in ("data", "num_train", "min_nums", "max_nums", "ref_steps",
+                                          "batch_size", "learning_rate", "seed", "dtype", "max_response_length")}
+    key["model"] = model_path
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(args.cache_dir) / f"sft_go-ref-{digest}"
+
+
+def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
+    """The default reference: the base model after --ref_steps of plain SFT on the training rows (cached)."""
+    from tqdm.auto import tqdm
+
+    folder = reference_folder(args, model.name_or_path)
+    if (folder / "config.json").exists():
+        return folder
+    ref = copy.deepcopy(model).train()
+    ref_args = argparse.Namespace(**{**vars(args), "T": args.ref_steps, "warmup_ratio": 0.0})
+    optimizer, scheduler = make_optimizer(ref, ref_args)
+    for step in tqdm(range(1, args.ref_steps + 1), desc=f"reference: plain SFT (once; cached in {folder})"):
+        index = rows_for_step(len(enc.responses), args.batch_size, step, args.seed + 1)
+        ce_step(ref, tokenizer, batch_of(enc, index, tokenizer.pad_token_id, ref.device), args.micro_batch_size)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def save(tmp):
+        ref.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    save_atomically(save, folder)
+    return folder
+
+
+def load_reference(args, model, tokenizer, enc: Encoded):
+    """--ref_model, or the cached default; its tokenizer must split text exactly as the model's does."""
+    path = args.ref_model or str(build_reference(args, model, tokenizer, enc))
+    ref, ref_tok = load_model(path, dtype=args.dtype, device=str(model.device.type),
+                              trust_remote_code=args.trust_remote_code)
+    probe = "The answer is 42 (x + y) </answer>"
+    if ref_tok(probe, add_special_tokens=False)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        raise UserError(f"--ref_model {path}: its tokenizer splits text differently from the model's, so its "
+                        "per-token losses cannot be aligned; use a reference of the same model family")
+    return ref.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training run
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class GoRun:
+    """Everything a step reads or changes (optimizer_step from uft uses model, args, optimizer, scheduler)."""
+    args: argparse.Namespace
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rows: dict                  # split -> list of row dicts
+    enc: dict                   # split -> Encoded
+    scores: dict | None         # split -> static per-token scores; None for the excess-loss grouping
+    ref: torch.nn.Module | None
+    out: Path
+    q: torch.Tensor = dataclasses.field(default_factory=lambda: torch.full((2,), 0.5))  # Group-DRO weights
+    ref_cache: dict = dataclasses.field(default_factory=dict)   # (split, row) -> reference token losses
+    step: int = 0
+    last_worst: int = -1
+    switches: int = 0
+
+
+def batch_of(enc: Encoded, index: list[int], pad_id: int, device=None) -> Batch:
+    """Left-padded prompts ++ right-padded responses (uft.make_batch); only response tokens are targets."""
+    return make_batch([enc.prompts[i] for i in index], [enc.responses[i] for i in index], [0] * len(index),
+                      pad_id, device=device)
+
+
+@torch.no_grad()
+def reference_losses(run: GoRun, split: str, index: list[int], batch: Batch) -> torch.Tensor:
+    """(B, L) reference token losses, computed once per row and cached."""
+    missing = [j for j, i in enumerate(index) if (split, i) not in run.ref_cache]
+    if missing:
+        part = batch.rows(torch.tensor(missing, device=batch.ids.device))
+        losses = token_nll(run.ref, part, len(run.tokenizer)).cpu()
+        for j, row_losses, n in zip(missing, losses, part.target_mask.sum(-1).tolist()):
+            run.ref_cache[(split, index[j])] = row_losses[:n]
+    return pad_scores([run.ref_cache[(split, i)].tolist() for i in index], batch.target_mask.shape[1],
+                      batch.ids.device)
+
+
+def importance(run: GoRun, split: str, index: list[int], batch: Batch, token_losses: torch.Tensor,
+               grouping: str) -> torch.Tensor:
+    """(B, L) scores of the run's grouping for these rows."""
+    if grouping == "excess":
+        return excess_loss_scores(token_losses, reference_losses(run, split, index, batch))
+    return pad_scores([run.scores[split][i] for i in index], batch.target_mask.shape[1], batch.ids.device)
+
+
+def grouping_of(args) -> tuple[str, str]:
+    """(grouping, per): Rho-1 always ranks excess loss over the whole batch."""
+    return ("excess", "batch") if args.loss == "rho1" else (args.grouping, "sample")
+
+
+def objective(run: GoRun, token_losses, groups, mask, lam: float) -> tuple[torch.Tensor, dict]:
+    """The run's loss on one micro-batch: ce (lam = 0), go (hard max or Group-DRO q), rho1 (important group only)."""
+    a = run.args
+    if a.loss == "ce":
+        return worst_group_loss(token_losses, groups, mask, 0.0, a.go_reduce)
+    if a.loss == "rho1":        # Rho-1's selective loss: the mean loss of the selected tokens
+        return worst_group_loss(token_losses, groups, mask, 1.0, a.go_reduce, torch.tensor([0.0, 1.0]))
+    weights = None
+    if a.go_mode == "dro":
+        means, present = group_means(token_losses.detach(), groups, mask, a.go_reduce)
+        run.q = update_dro_weights(run.q, means.cpu(), present, a.eta_q)
+        weights = run.q
+    return worst_group_loss(token_losses, groups, mask, lam, a.go_reduce, weights)
+
+
+def current_lambda(args, step: int) -> float:
+    """lam_t of the run: the schedule for go; 0 for ce (plain SFT); 1 for rho1."""
+    if args.loss == "go":
+        return lambda_at(step, args.T, args.lam, args.lam_schedule)
+    return 0.0 if args.loss == "ce" else 1.0
+
+
+def train_step(run: GoRun) -> dict:
+    """One optimizer step. With micro-batches each micro-batch takes its own max, weighted by its token
+    share (exactly the batch max when micro_batch_size >= batch_size, the default); the logged statistics
+    always cover the whole batch."""
+    a, vocab = run.args, len(run.tokenizer)
+    grouping, per = grouping_of(a)
+    index = rows_for_step(len(run.rows["train"]), a.batch_size, run.step, a.seed)
+    batch = batch_of(run.enc["train"], index, run.tokenizer.pad_token_id, run.model.device)
+    lam = current_lambda(a, run.step)
+    run.model.train()
+    total_tokens, total_rows = int(batch.target_mask.sum()), len(index)
+    loss_sum, kept = 0.0, []
+    for part_index in micro_batches(len(index), a.micro_batch_size):
+        part = batch.rows(part_index.to(batch.ids.device))
+        rows = [index[i] for i in part_index.tolist()]
+        losses = token_nll(run.model, part, vocab)                                 # (b, L)
+        groups = top_eta_groups(importance(run, "train", rows, part, losses, grouping), part.target_mask,
+                                a.eta, per)                                        # (b, L)
+        loss, _ = objective(run, losses, groups, part.target_mask, lam)
+        share = (int(part.target_mask.sum()) / total_tokens if a.go_reduce == "batch"
+                 else len(rows) / total_rows)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({float(loss)}) at step {run.step}")
+        (loss * share).backward()
+        loss_sum += float(loss.detach()) * share
+        kept.append((losses.detach(), groups, part.target_mask))
+    losses, groups, mask = (torch.cat(t) for t in zip(*kept))
+    _, stats = worst_group_loss(losses, groups, mask, lam, a.go_reduce)
+    if stats["worst_group"] >= 0:
+        run.switches += int(run.last_worst >= 0 and stats["worst_group"] != run.last_worst)
+        run.last_worst = stats["worst_group"]
+    stats.update(loss=loss_sum, lam=lam, worst_switches=run.switches,
+                 important_fraction=float((groups == IMPORTANT).sum() / mask.sum()),
+                 grad_norm=optimizer_step(run))
+    if a.loss == "go" and a.go_mode == "dro":
+        stats["q_important"] = float(run.q[IMPORTANT])
+    return stats
+
+
+@torch.no_grad()
+def held_out(run: GoRun, progress: bool = False) -> dict:
+    """Token-mean held-out loss overall and per group (over the whole test set); countdown accuracy (greedy)."""
+    a = run.args
+    grouping, per = grouping_of(a)
+    run.model.eval()
+    sums, counts = torch.zeros(3), torch.zeros(3)          # unimportant, important, all
+    test = run.rows["test"]
+    for part_index in micro_batches(len(test), a.micro_batch_size):
+        rows = part_index.tolist()
+        part = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
+        losses = token_nll(run.model, part, len(run.tokenizer))
+        groups = top_eta_groups(importance(run, "test", rows, part, losses, grouping), part.target_mask, a.eta, per)
+        for g, member in enumerate([groups == UNIMPORTANT, groups == IMPORTANT, part.target_mask]):
+            sums[g] += float(torch.where(member, losses, 0.0).sum())
+            counts[g] += float(member.sum())
+    mean = (sums / counts.clamp(min=1)).tolist()
+    metrics = {"eval_loss_unimportant": mean[0], "eval_loss_important": mean[1], "eval_ce": mean[2]}
+    if is_countdown(test):
+        m, _ = uft.evaluate(run.model, run.tokenizer, test, a.max_completion_length, a.eval_batch_size,
+                            progress=progress)
+        metrics.update({f"eval_{k}": v for k, v in m.items()})
+    return metrics
+
+
+def write_samples_html(run: GoRun, path: Path, num_samples: int = 6) -> Path:
+    """A page showing held-out responses with their important tokens highlighted (hover: score)."""
+    a = run.args
+    grouping, per = grouping_of(a)
+    rows = list(range(min(num_samples, len(run.rows["test"]))))
+    batch = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
+    run.model.eval()
+    with torch.no_grad():
+        losses = token_nll(run.model, batch, len(run.tokenizer))
+        scores = importance(run, "test", rows, batch, losses, grouping)
+    groups = top_eta_groups(scores, batch.target_mask, a.eta, per)
+    parts = [f"<h2>{html.escape(run.out.name)}: {grouping} groups, eta = {a.eta}</h2>",
+             "<p><span class=imp>important</span> tokens; hover a token for its score and loss.</p>"]
+    for r in rows:
+        ids = run.enc["test"].responses[r]
+        spans = []
+        for t, tid in enumerate(ids):
+            text = html.escape(run.tokenizer.decode([tid])).replace("\n", "&#9166;<br>")
+            cls = "imp" if groups[r, t] == IMPORTANT else "un"
+            spans.append(f"<span class={cls} title='score {float(scores[r, t]):.3f}, loss "
+                         f"{float(losses[r, t]):.3f}'>{text}</span>")
+        prompt = html.escape(run.rows["test"][r]["prompt"][-300:])
+        parts.append(f"<div class=row><pre class=prompt>{prompt}</pre><div class=resp>{''.join(spans)}</div></div>")
+    style = ("<style>body{font-family:sans-serif;max-width:60em}.row{border-top:1px solid #ccc;padding:.5em 0}"
+             ".prompt{color:#888;white-space:pre-wrap}.resp{font-family:monospace;white-space:pre-wrap}"
+             ".imp{background:#ffb347}.un{background:#eef}</style>")
+    path.write_text(f"<html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>")
+    return path
+
+
+def plot_losses(out: Path) -> Path:
+    """losses.png: training and held-out loss of each group over steps (and accuracy when measured)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, prefix, title in [(axes[0], "", "training loss per group"), (axes[1], "eval_", "held-out loss per group")]:
+        for key, color in [("ce", "k"), ("loss_important", "tab:orange"), ("loss_unimportant", "tab:blue")]:
+            pts = [(m["step"], m[prefix + key]) for m in metrics if m.get(prefix + key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), color=color, label=key, marker="o" if prefix else None, lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center right" if prefix else "upper right")
+    acc = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
+    if acc:
+        twin = axes[1].twinx()
+        twin.plot(*zip(*acc), color="tab:green", ls="--", marker="s", label="accuracy")
+        twin.set_ylabel("accuracy", color="tab:green")
+    fig.tight_layout()
+    fig.savefig(out / "losses.png", dpi=90)
+    plt.close(fig)
+    return out / "losses.png"
+
+
+def static_scores(args, tokenizer, rows: dict, enc: dict) -> dict | None:
+    """Per-token scores of the static groupings for the train and test rows (TF-IDF idf from train only)."""
+    grouping, _ = grouping_of(args)
+    texts = {s: [r["response"] for r in rows[s]] for s in rows}
+    if grouping == "excess":
+        return None
+    if grouping == "random":
+        return {s: random_scores([len(x) for x in enc[s].responses], args.seed + i) for i, s in enumerate(enc)}
+    if grouping == "tfidf" and args.tfidf_unit == "token":
+        return {s: tfidf_scores(enc[s].responses, enc["train"].responses) for s in enc}
+    if grouping == "tfidf":
+        return {s: word_tfidf_scores(texts[s], enc[s].offsets, texts["train"]) for s in enc}
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    try:
+        cls_tok = AutoTokenizer.from_pretrained(args.classifier, trust_remote_code=args.trust_remote_code)
+        classifier = AutoModelForTokenClassification.from_pretrained(args.classifier)
+    except OSError as err:
+        raise UserError(f"--classifier {args.classifier!r}: could not load a token-classification model "
+                        f"[{str(err).splitlines()[0][:160]}]") from None
+    check_offsets(cls_tok, f"--classifier {args.classifier}")
+    if not 0 <= args.classifier_label < classifier.config.num_labels:
+        raise UserError(f"--classifier_label {args.classifier_label}: the classifier has "
+                        f"{classifier.config.num_labels} labels ({classifier.config.id2label})")
+    return {s: classifier_scores(classifier, cls_tok, texts[s], enc[s].offsets, args.classifier_label)
+            for s in enc}
+
+
+def setup(args, rows: dict) -> GoRun:
+    """Load the model, encode the rows, score tokens, build the reference; a fresh run folder."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    grouping, _ = grouping_of(args)
+    words = grouping == "classifier" or (grouping == "tfidf" and args.tfidf_unit == "word")
+    if words:
+        check_offsets(tok, f"--model {args.model}")
+    enc = {s: encode_rows(tok, rows[s], args.max_prompt_length, args.max_response_length, words) for s in rows}
+    scores = static_scores(args, tok, rows, enc)
+    ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    optimizer, scheduler = make_optimizer(model, args)
+    return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)
+
+
+def save_model(run: GoRun) -> None:
+    def save(tmp):
+        run.model.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+    save_atomically(save, run.out / "checkpoint")
+
+
+def train(args, rows: dict | None = None) -> dict:
+    """Train one configuration for args.T steps; write the run folder; return the last held-out metrics."""
+    from tqdm.auto import tqdm
+
+    if rows is None:
+        rows = dict(zip(("train", "test"), load_rows(args)))
+    run = setup(args, rows)
+    first = {"step": 0, **held_out(run, progress=True)}
+    append_jsonl(run.out / "metrics.jsonl", first)
+    bar = tqdm(range(1, args.T + 1), desc=run.out.name)
+    for step in bar:
+        run.step = step
+        start = time.perf_counter()
+        try:
+            metrics = train_step(run)
+        except FloatingPointError as err:
+            raise UserError(f"{err}: stopped (try a lower --learning_rate)") from None
+        metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
+        if step % args.eval_steps == 0 or step == args.T:
+            metrics.update(held_out(run))
+            tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
+                                                      if k.startswith("eval_") and k != "eval_length"))
+        append_jsonl(run.out / "metrics.jsonl", metrics)
+        bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"], lam=f"{metrics['lam']:.2f}")
+        if step % args.save_steps == 0 or step == args.T:
+            save_model(run)
+    plot_losses(run.out)
+    write_samples_html(run, run.out / "samples.html", args.num_html_samples)
+    return {"output_dir": str(run.out), "base": first, "worst_switches": run.switches,
+            **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sft_go.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="SFT-GO and its baselines. With no flags: plain SFT, then SFT-GO with TF-IDF groups, on the "
+                    "built-in model and countdown (CPU, under 10 minutes), and a comparison table.")
+    g = p.add_argument_group("SFT-GO")
+    g.add_argument("--loss", default="ce,go",
+                   help="comma-separated runs, trained in turn with the same seed and budget: ce (plain SFT), go "
+                        "(SFT-GO), rho1 (Rho-1: mean loss of the top-eta excess-loss tokens of the batch)")
+    g.add_argument("--grouping", default="tfidf", choices=GROUPINGS,
+                   help="token importance for go (and for the per-group losses logged by ce); rho1 uses excess")
+    g.add_argument("--eta", type=float, default=0.3, help="fraction of each response's tokens that is important (rho1: of the batch's tokens)")
+    g.add_argument("--lam", type=float, default=0.9, help="lambda: weight of the worst-group loss (0 = plain CE)")
+    g.add_argument("--lam_schedule", default="constant", choices=LAMBDA_SCHEDULES, help="lambda decay over T")
+    g.add_argument("--go_mode", default="max", choices=["max", "dro"],
+                   help="hard max over groups, or online Group-DRO weights (ablation)")
+    g.add_argument("--eta_q", type=float, default=0.01, help="Group-DRO step size of the group weights q")
+    g.add_argument("--go_reduce", default="batch", choices=["batch", "per_sample"],
+                   help="group loss = token mean over the batch, or per sample then mean over samples")
+    g.add_argument("--tfidf_unit", default="token", choices=["token", "word"], help="TF-IDF terms")
+    g.add_argument("--ref_model", default=None,
+                   help="excess-loss reference (a folder or hub id); default: the base model after --ref_steps "
+                        "of plain SFT, cached in --cache_dir")
+    g.add_argument("--ref_steps", type=int, default=50, help="plain-SFT steps of the default reference")
+    g.add_argument("--classifier", default=None,
+                   help="token-classification model for --grouping classifier, e.g. "
+                        "microsoft/llmlingua-2-xlm-roberta-large-meetingbank")
+    g.add_argument("--classifier_label", type=int, default=1, help="the classifier's 'keep' label id")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--T", type=int, default=500, help="training steps")
+    g.add_argument("--batch_size", type=int, default=64, help="responses per step")
+    g.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass; smaller than batch_size accumulates gradients and takes the "
+                        "worst group per micro-batch")
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--lr_scheduler", default="cosine", choices=["constant", "cosine"], help="after warm-up")
+    g.add_argument("--warmup_ratio", type=float, default=0.05, help="fraction of T spent warming up")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="countdown",
+                   help="'countdown' (built in) or a .jsonl/.json/.parquet file with prompt/response (or "
+                        "question/answer, or Alpaca instruction/input/output) columns")
+    g.add_argument("--test_data", default=None, help="held-out file (default: the first num_test rows of --data)")
+    g.add_argument("--num_train", type=int, default=20000, help="training rows")
+    g.add_argument("--num_test", type=int, default=200, help="held-out rows")
+    g.add_argument("--min_nums", type=int, default=3, help="built-in countdown: fewest numbers per problem")
+    g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem")
+    g.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
+    g.add_argument("--max_response_length", type=int, default=512, help="response tokens kept (the first ones)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=BUILTIN, help="'builtin', a hub id, or a local folder")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=None, help="run folder (default runs/sft_go-<time>)")
+    g.add_argument("--eval_steps", type=int, default=100, help="held-out evaluation every this many steps")
+    g.add_argument("--eval_batch_size", type=int, default=256, help="prompts per greedy generation batch")
+    g.add_argument("--max_completion_length", type=int, default=96, help="new tokens per greedy countdown answer")
+    g.add_argument("--save_steps", type=int, default=1000, help="checkpoint every this many steps (and at the end)")
+    g.add_argument("--num_html_samples", type=int, default=6, help="held-out responses shown in samples.html")
+    g.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="where the default reference model is cached")
+    g.add_argument("--seed", type=int, default=0, help="data order, initialisation, random groups")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Bad values fail at start, argparse-style (usage line + one message, exit 2)."""
+    args.losses = [s.strip() for s in args.loss.split(",") if s.strip()]
+    bad = [s for s in args.losses if s not in LOSSES]
+    if bad or not args.losses:
+        p.error(f"--loss {args.loss!r}: choose a comma-separated list of {', '.join(LOSSES)}")
+    if not 0 < args.eta < 1:
+        p.error(f"--eta must be in (0, 1), the important fraction (got {args.eta})")
+    if not 0 <= args.lam <= 1:
+        p.error(f"--lam must be in [0, 1] (got {args.lam})")
+    if args.eta_q <= 0 or args.learning_rate <= 0:
+        p.error("--eta_q and --learning_rate must be positive")
+    for name in ("T", "batch_size", "micro_batch_size", "num_train", "num_test", "eval_steps", "save_steps",
+                 "eval_batch_size", "max_completion_length", "max_prompt_length", "max_response_length"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.ref_steps <= 0 and args.ref_model is None:
+        p.error("--ref_steps must be positive (or pass --ref_model)")
+    if args.grouping == "classifier" and not args.classifier and set(args.losses) != {"rho1"}:
+        p.error("--grouping classifier needs --classifier <token-classification model>")
+    if not 3 <= args.min_nums <= args.max_nums <= 4:
+        p.error(f"need 3 <= --min_nums <= --max_nums <= 4 (got {args.min_nums}, {args.max_nums})")
+    for name in ("data", "test_data"):
+        value = getattr(args, name)
+        if value and value != "countdown" and not Path(value).is_file():
+            p.error(f"--{name} {value!r}: no such file" + (" (and not 'countdown')" if name == "data" else ""))
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / f"sft_go-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def run_name(args, loss: str) -> str:
+    return "ce" if loss == "ce" else "rho1" if loss == "rho1" else f"go-{args.grouping}"
+
+
+def summary_table(results: dict) -> str:
+    """One line per run: held-out accuracy (countdown), token-mean loss overall and per group, how often the
+    worst training group flipped, minutes."""
+    lines = [f"{'run':<12}{'accuracy':>10}{'CE':>8}{'L_important':>13}{'L_unimportant':>15}{'flips':>7}"
+             f"{'minutes':>9}"]
+    for name, r in results.items():
+        acc = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "-"
+        lines.append(f"{name:<12}{acc:>10}{r['eval_ce']:>8.3f}{r['eval_loss_important']:>13.3f}"
+                     f"{r['eval_loss_unimportant']:>15.3f}{r.get('worst_switches', '-'):>7}{r['minutes']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = {}
+    try:
+        rows = dict(zip(("train", "test"), load_rows(args)))
+        for loss in args.losses:
+            name = run_name(args, loss)
+            sub = args.output_dir if len(args.losses) == 1 else str(Path(args.output_dir) / name)
+            run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": sub})
+            start = time.time()
+            results[name] = {**train(run_args, rows), "minutes": (time.time() - start) / 60}
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    table = summary_table({"base model": {**next(iter(results.values()))["base"], "minutes": 0.0}, **results})
+    Path(args.output_dir, "summary.txt").write_text(table + "\n")
+    print(f"\nheld-out after {args.T} steps (eta {args.eta}, lam {args.lam}, seed {args.seed}); "
+          f"groups: {args.grouping} ({'tokens' if args.tfidf_unit == 'token' else 'words'})\n{table}\n"
+          f"run folders under {args.output_dir} (losses.png, samples.html, metrics.jsonl)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
