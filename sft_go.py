@@ -170,8 +170,9 @@ def check_offsets(tokenizer, what: str) -> None:
 def smooth_idf(docs: list[list]) -> tuple[dict, float]:
     """idf(t) = ln((1 + n) / (1 + df(t))) + 1 over n documents, and the idf of an unseen term (df = 0).
 
-    >>> smooth_idf([["a", "b"], ["b"]])       # df(a) = 1, df(b) = 2
-    ({'a': 1.4054651081081644, 'b': 1.0}, 2.09861228866811)
+    >>> idf, unseen = smooth_idf([["a", "b"], ["b"]])       # df(a) = 1, df(b) = 2
+    >>> idf["a"], idf["b"], unseen                          # ln(3/2) + 1, ln(3/3) + 1, ln(3) + 1
+    (1.4054651081081644, 1.0, 2.09861228866811)
     """
     n = len(docs)
     df = Counter(term for doc in docs for term in set(doc))
@@ -895,7 +896,7 @@ def main(argv=None) -> int:
     table = summary_table({"base model": {**next(iter(results.values()))["base"], "minutes": 0.0}, **results})
     Path(args.output_dir, "summary.txt").write_text(table + "\n")
     print(f"\nheld-out after {args.T} steps (eta {args.eta}, lam {args.lam}, seed {args.seed}); "
-          f"groups: {args.grouping} ({'tokens' if args.tfidf_unit == 'token' else 'words'})\n{table}\n"
+          f"groups: {args.grouping}{f' ({args.tfidf_unit}s)' if args.grouping == 'tfidf' else ''}\n{table}\n"
           f"run folders under {args.output_dir} (losses.png, samples.html, metrics.jsonl)")
     return 0
 
