@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import uft
-from uft import (BUILTIN, DEFAULT_CACHE, DTYPES, Batch, UserError, append_jsonl, load_model, make_batch,
+from uft import (DEFAULT_CACHE, Batch, UserError, append_jsonl, load_model, make_batch,
                  make_optimizer, micro_batches, optimizer_step, read_jsonl, rows_for_step, save_atomically, score)
 
 UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding get -1
@@ -701,7 +701,8 @@ def setup(args, rows: dict) -> GoRun:
     """Load the model, encode the rows, score tokens, build the reference; a fresh run folder."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                            trust_remote_code=args.trust_remote_code)
     grouping, _ = grouping_of(args)
     words = grouping == "classifier" or (grouping == "tfidf" and args.tfidf_unit == "word")
     if words:
@@ -809,11 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem")
     g.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
     g.add_argument("--max_response_length", type=int, default=512, help="response tokens kept (the first ones)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=BUILTIN, help="'builtin', a hub id, or a local folder")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    uft.add_model_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=None, help="run folder (default runs/sft_go-<time>)")
     g.add_argument("--eval_steps", type=int, default=100, help="held-out evaluation every this many steps")

@@ -1424,6 +1424,16 @@ def load_rows(args) -> tuple[list[dict], list[dict]]:
     return rows[args.num_test: args.num_test + args.num_train], rows[: args.num_test]
 
 
+def add_model_flags(p) -> None:
+    """The model-loading flags, shared by uft.py and sft_go.py (they feed `load_model`)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=BUILTIN, help="'builtin', a hub id, or a local folder")
+    g.add_argument("--gguf_file", default=None, help="a .gguf file (in --model's folder, or a full path)")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+
+
 def build_parser():
     import argparse
 
@@ -1469,12 +1479,7 @@ def build_parser():
     g.add_argument("--num_test", type=int, default=500, help="held-out problems for evaluation")
     g.add_argument("--min_nums", type=int, default=3, help="built-in countdown: fewest numbers per problem")
     g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=BUILTIN, help="'builtin', a hub id, or a local folder")
-    g.add_argument("--gguf_file", default=None, help="a .gguf file (in --model's folder, or a full path)")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    add_model_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=None, help="run folder (default runs/<algo>-<time>)")
     g.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
