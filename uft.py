@@ -293,11 +293,22 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next ids. temperature 0 is argmax; otherwise top-k/top-p, then a draw."""
+    """(B, V) logits -> (B,) next ids. temperature 0 is argmax; otherwise top-k/top-p, then a draw.
+
+    The draw inverts the cumulative distribution with one uniform number per row: it picks the first token
+    whose cumulative probability exceeds u * total. (torch.multinomial draws one random number per vocabulary
+    entry: a visible part of a decoding step for a small model.) A token of probability 0 is never
+    picked: its cumulative value equals its predecessor's, so the predecessor is found first.
+    """
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = filter_top_k_top_p(logits.float() / temperature, top_k, top_p).softmax(-1)    # (B, V)
+    cdf = probs.cumsum(-1)                                                                  # (B, V)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+DROP_FINISHED = 0.25  # drop finished rows once they are this fraction of the batch (each drop copies the cache)
 
 
 def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tokens: int = 64,
@@ -308,8 +319,9 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
     prompts: token-id lists (or strings, encoded without special tokens). Steps:
     1. left-pad the prompts; position ids count real tokens only;
     2. prefill each prompt ONCE (logits only for the last position), then copy its cache to its G rows;
-    3. decode one token per step for every unfinished row; the attention mask grows by one column a step;
-    4. a row stops at any EOS id of the model; finished rows leave the batch (their cache rows are dropped).
+    3. decode one token per step; the attention mask is allocated once, for the longest row;
+    4. a row stops at any EOS id of the model; finished rows leave the batch (their cache rows are dropped)
+       once they are a quarter of it: until then they ride along and their tokens are ignored.
     Log-probs are those of the temperature-scaled distribution (before top-k/top-p), the same quantity
     `sequence_logprobs` computes by teacher forcing.
 
@@ -347,35 +359,37 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
     try:
         with torch.inference_mode():
             ids, mask = left_pad(prompts, pad_id, device)                          # (P, S)
+            S = ids.shape[1]
             cache = DynamicCache(config=model.config)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
             # one prefill per prompt, copied to its G samples (each sample then draws its own first token)
             logits = logits.repeat_interleave(G, 0)                                # (N, V)
-            mask = mask.repeat_interleave(G, 0)                                    # (N, S)
             if G > 1:
                 cache.batch_repeat_interleave(G)
-            rows = torch.arange(N, device=device)        # batch row -> output row, shrinks as rows finish
-            next_pos = mask.sum(-1)                                                # (N,)
+            # the attention mask of every step, allocated once: the prompt's, then ones for the new tokens
+            mask = torch.cat([mask.repeat_interleave(G, 0), mask.new_ones((N, max_new_tokens))], 1)  # (N, S + new)
+            rows = torch.arange(N, device=device)        # batch row -> output row, shrinks as rows are dropped
+            live = torch.ones(N, dtype=torch.bool, device=device)                  # (n,) rows still decoding
+            next_pos = mask[:, :S].sum(-1)                                         # (N,)
             for step in range(max_new_tokens):
                 logits = mask_padded_vocab(logits, vocab)
                 tok = sample_next(logits, temperature, top_k, top_p, generator)    # (n,)
-                out_ids[rows, step] = tok
-                out_logp[rows, step] = token_logprobs(logits, tok, temperature)
-                lengths[rows] += 1
-                done = torch.isin(tok, stops)                                      # (n,)
+                dest = rows[live]                                                  # output rows written
+                out_ids[dest, step] = tok[live]
+                out_logp[dest, step] = token_logprobs(logits[live], tok[live], temperature)
+                lengths[dest] += 1
+                done = live & torch.isin(tok, stops)                               # (n,)
                 finished[rows[done]] = True
-                if step == max_new_tokens - 1:
+                live &= ~done
+                if step == max_new_tokens - 1 or not live.any():
                     break
-                if done.any():                        # drop finished rows from the batch and the cache
-                    keep = (~done).nonzero().squeeze(-1)
-                    if keep.numel() == 0:
-                        break
+                if (~live).sum() >= DROP_FINISHED * live.numel():  # drop finished rows from the batch and cache
+                    keep = live.nonzero().squeeze(-1)
                     cache.batch_select_indices(keep)
-                    rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)  # (n, S + step + 1)
-                logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                               past_key_values=cache, use_cache=True).logits[:, -1]  # (n, V)
+                    rows, live, tok, mask, next_pos = rows[keep], live[keep], tok[keep], mask[keep], next_pos[keep]
+                logits = model(input_ids=tok[:, None], attention_mask=mask[:, : S + step + 1],
+                               position_ids=next_pos[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
                 next_pos = next_pos + 1
     finally:
         model.train(was_training)
@@ -908,8 +922,20 @@ class Batch:
     advantages: torch.Tensor | None = None  # (N,) for policy-gradient batches
 
     def rows(self, index: torch.Tensor) -> "Batch":
+        """The rows `index`, cut to their own widest prompt, hint and target (so padding costs no compute).
+
+        Targets keep their first column and hints their last prompt column, so per-token tensors of the
+        full batch line up with the cut one after `[:, :L]` (targets) or `[:, -H:]` (hints).
+        """
+        ids, attention, target_mask, hint_mask = (x[index] for x in (self.ids, self.attention, self.target_mask,
+                                                                     self.hint_mask))
+        S = ids.shape[1] - target_mask.shape[1]
+        L = max(1, int(target_mask.sum(-1).max()))                         # widest target
+        S_cut = max(1, int(attention[:, :S].sum(-1).max()))                # widest prompt
+        H = int(hint_mask.sum(-1).max()) if hint_mask.shape[1] else 0      # widest hint
         adv = None if self.advantages is None else self.advantages[index]
-        return Batch(self.ids[index], self.attention[index], self.target_mask[index], self.hint_mask[index], adv)
+        return Batch(ids[:, S - S_cut: S + L], attention[:, S - S_cut: S + L], target_mask[:, :L],
+                     hint_mask[:, hint_mask.shape[1] - H:], adv)
 
 
 def make_batch(prompts: list[list[int]], targets: list[list[int]], hint_lengths: list[int], pad_id: int,
@@ -934,10 +960,42 @@ def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> t
                  logits_to_keep=keep + 1).logits[:, :-1]
 
 
-def score(model, batch: Batch, temperature: float, vocab_size: int, with_entropy: bool = False):
-    """Teacher-forced (hint logp (N, H), target logp (N, L), target entropy (N, L) or None) in one forward."""
+def grouped_forward_logits(model, batch: "Batch", group_size: int) -> torch.Tensor:
+    """forward_logits(model, batch.ids, batch.attention, H + L) computing each group's shared prompt once.
+
+    Rows g*G .. g*G + G - 1 continue the same prompt (hint included). Pass 1 runs the G-times smaller batch of
+    prompts and keeps their keys/values; the cache is copied to each group's G rows; pass 2 runs only the
+    targets on top of it. Gradients flow through the cache into pass 1, so the result and its gradient equal
+    the one-pass computation (up to float rounding) at about (S/G + L) / (S + L) of its cost.
+    """
+    from transformers import DynamicCache
+
     H, L = batch.hint_mask.shape[1], batch.target_mask.shape[1]
-    logits = forward_logits(model, batch.ids, batch.attention, H + L)              # (N, H + L, V)
+    S = batch.ids.shape[1] - L
+    p_ids, p_mask = batch.ids[::group_size, :S], batch.attention[::group_size, :S]        # (P, S)
+    cache = DynamicCache(config=model.config)
+    p_logits = model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions_from_mask(p_mask),
+                     past_key_values=cache, use_cache=True, logits_to_keep=H + 1).logits  # (P, H + 1, V)
+    cache.batch_repeat_interleave(group_size)
+    positions = positions_from_mask(batch.attention)[:, S: S + L - 1]                    # (N, L - 1)
+    t_logits = p_logits.new_zeros((batch.ids.shape[0], 0, p_logits.shape[-1]))
+    if L > 1:                           # the last target token predicts nothing: it is not fed
+        t_logits = model(input_ids=batch.ids[:, S: S + L - 1], attention_mask=batch.attention[:, : S + L - 1],
+                         position_ids=positions, past_key_values=cache, use_cache=True).logits  # (N, L - 1, V)
+    return torch.cat([p_logits.repeat_interleave(group_size, 0), t_logits], 1)            # (N, H + L, V)
+
+
+def score(model, batch: Batch, temperature: float, vocab_size: int, with_entropy: bool = False,
+          group_size: int = 1):
+    """Teacher-forced (hint logp (N, H), target logp (N, L), target entropy (N, L) or None) in one forward.
+
+    group_size > 1: consecutive rows in groups of that size share their prompt, which is then run once.
+    """
+    H, L = batch.hint_mask.shape[1], batch.target_mask.shape[1]
+    if group_size > 1:
+        logits = grouped_forward_logits(model, batch, group_size)                       # (N, H + L, V)
+    else:
+        logits = forward_logits(model, batch.ids, batch.attention, H + L)              # (N, H + L, V)
     logp = token_logprobs(logits, batch.ids[:, -(H + L):], temperature, vocab_size)  # (N, H + L)
     entropy = token_entropy(logits[:, H:], temperature, vocab_size) if with_entropy else None
     return logp[:, :H], logp[:, H:], entropy
@@ -1093,15 +1151,16 @@ def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: in
     loss = PPO-clip + beta KL_k3 - entropy_coef H   (token-mean over the mini-batch's response tokens)
          + sft_loss_coef NLL(hint)                   (token-mean over its hint tokens)
     """
-    a, vocab = run.args, len(run.tokenizer)
-    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=a.entropy_coef > 0)
-    old = logp.detach() if old_logp is None else old_logp         # one update per step: the ratio is exactly 1
+    a, vocab, G = run.args, len(run.tokenizer), run.args.num_generations
+    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=a.entropy_coef > 0,
+                                     group_size=G)
+    old = logp.detach() if old_logp is None else old_logp[:, : logp.shape[1]]  # one update per step: ratio 1
     mask = part.target_mask
     per_token = policy_gradient_loss(logp, old, part.advantages[:, None], a.epsilon)   # (n, L)
     stats = {"pg_loss": masked_sum(per_token, mask).item() / max(n_response, 1)}
     if run.ref is not None:
         with torch.no_grad():
-            _, ref_logp, _ = score(run.ref, part, a.temperature, vocab)
+            _, ref_logp, _ = score(run.ref, part, a.temperature, vocab, group_size=G)
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + a.beta * kl
         stats["kl"] = masked_sum(kl, mask).item() / max(n_response, 1)
@@ -1116,23 +1175,36 @@ def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: in
     return loss, stats
 
 
+def sampling_policy_logp(run: Run, batch: Batch, rows_per_pass: int) -> torch.Tensor:
+    """Target log-probs (N, L) under the current policy, before any update: the PPO ratio's denominator."""
+    a, L = run.args, batch.target_mask.shape[1]
+    parts = []
+    run.model.eval()
+    with torch.no_grad():
+        for index in micro_batches(batch.ids.shape[0], rows_per_pass):
+            logp = score(run.model, batch.rows(index), a.temperature, len(run.tokenizer),
+                         group_size=a.num_generations)[1]                                    # (n, L_part)
+            parts.append(torch.nn.functional.pad(logp, (0, L - logp.shape[1])))                # (n, L)
+    return torch.cat(parts)
+
+
 def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
-    """PPO over mini-batches of `mini_batch_size` prompts (one optimizer step each), accumulating micro-batches."""
-    a = run.args
-    rows_per_update = a.mini_batch_size * a.num_generations
+    """PPO over mini-batches of `mini_batch_size` prompts (one optimizer step each), accumulating micro-batches.
+
+    Micro-batches hold whole groups (micro_batch_size rows rounded down to a multiple of G, at least one group),
+    so each forward pass runs a group's shared prompt once.
+    """
+    a, G = run.args, run.args.num_generations
+    rows_per_update, rows_per_pass = a.mini_batch_size * G, max(1, a.micro_batch_size // G) * G
     updates = list(micro_batches(batch.ids.shape[0], rows_per_update))
-    old_logp = None
-    if len(updates) > 1:             # later updates need the log-probs of the policy that sampled
-        with torch.no_grad():
-            run.model.eval()
-            old_logp = torch.cat([score(run.model, batch.rows(i), a.temperature, len(run.tokenizer))[1]
-                                  for i in micro_batches(batch.ids.shape[0], a.micro_batch_size)])
+    # later updates need the log-probs of the policy that sampled; a single update has them in its own graph
+    old_logp = sampling_policy_logp(run, batch, rows_per_pass) if len(updates) > 1 else None
     run.model.train()
     totals, norms = {}, []
     for update in updates:
         mini = batch.rows(update)
         n_response, n_hint = int(mini.target_mask.sum()), int(mini.hint_mask.sum())
-        for index in micro_batches(update.numel(), a.micro_batch_size):
+        for index in micro_batches(update.numel(), rows_per_pass):
             part = mini.rows(index)
             old = None if old_logp is None else old_logp[update][index]
             loss, stats = rl_loss(run, part, old, n_response, n_hint, use_hint_nll)

@@ -144,3 +144,50 @@ def test_score_equals_sequence_logprobs(tokenizer, llama):
     full = uft.sequence_logprobs(llama, batch.ids, batch.attention, 0.8, len(tokenizer))
     torch.testing.assert_close(logp, full[:, -2:])
     torch.testing.assert_close(hint_logp, full[:, -3:-2])
+
+
+def grouped_batch(tokenizer, G=3):
+    """Two prompts (different lengths and hints), G sampled targets of different lengths each."""
+    prompts, hints = [[5, 6, 7, 8, 9, 10], [5, 6, 7]], [2, 1]
+    targets = [[11, 12, 13, 14], [15], [16, 17], [18, 19, 20, 21, 22], [23, 24], [25]][: 2 * G]
+    return uft.make_batch([p for p in prompts for _ in range(G)], targets, [h for h in hints for _ in range(G)],
+                          tokenizer.pad_token_id, advantages=torch.linspace(-1, 1, 2 * G))
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_shared_prompt_scoring_equals_one_pass(tokenizer, model_name, request):
+    """group_size=G runs each prompt once and copies its cache: same log-probs, entropies and gradients."""
+    model = request.getfixturevalue(model_name)
+    batch, V = grouped_batch(tokenizer), len(tokenizer)
+    results = {}
+    for G in (1, 3):
+        model.zero_grad()
+        hint_logp, logp, entropy = uft.score(model, batch, 0.7, V, with_entropy=True, group_size=G)
+        (uft.masked_sum(logp * torch.arange(1.0, 1.0 + logp.shape[1]), batch.target_mask)   # unequal weights
+         + uft.masked_sum(hint_logp, batch.hint_mask) - uft.masked_sum(entropy, batch.target_mask)).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[G] = (hint_logp * batch.hint_mask, logp * batch.target_mask, entropy * batch.target_mask, grads)
+    for one, shared in zip(results[1][:3], results[3][:3]):
+        torch.testing.assert_close(shared, one, atol=1e-5, rtol=1e-5)
+    assert len(results[1][3]) == len(results[3][3]) > 0
+    for one, shared in zip(results[1][3], results[3][3]):      # float rounding, relative to each tensor's scale
+        assert (shared - one).abs().max() <= 1e-4 * one.abs().max() + 1e-7
+
+
+def test_rows_cut_padding_and_keep_token_alignment(tokenizer, llama):
+    """Batch.rows cuts columns no chosen row uses; targets stay left-aligned and hints right-aligned."""
+    batch, V = grouped_batch(tokenizer), len(tokenizer)
+    part = batch.rows(torch.arange(3, 6))              # the short prompt's group: prompt 3, hint 1, targets <= 5
+    assert part.ids.shape == (3, 3 + 5) and part.hint_mask.shape == (3, 1) and part.target_mask.shape == (3, 5)
+    short = batch.rows(torch.tensor([1, 5]))           # one-token targets from both prompts
+    assert short.target_mask.shape == (2, 1) and short.ids.shape[1] == 6 + 1
+    for index in (torch.arange(3, 6), torch.tensor([1, 5])):
+        cut = batch.rows(index)
+        hint_full, logp_full, _ = uft.score(llama, batch, 1.0, V)
+        hint_cut, logp_cut, _ = uft.score(llama, cut, 1.0, V)
+        L, H = cut.target_mask.shape[1], cut.hint_mask.shape[1]
+        torch.testing.assert_close(logp_cut * cut.target_mask, (logp_full * batch.target_mask)[index, :L])
+        torch.testing.assert_close(hint_cut * cut.hint_mask,
+                                   (hint_full * batch.hint_mask)[index][:, hint_full.shape[1] - H:])
+        assert (cut.target_mask == batch.target_mask[index, :L]).all()
+        assert (cut.advantages == batch.advantages[index]).all()

@@ -152,3 +152,18 @@ def test_mode_is_restored_and_rollout_is_usable_in_autograd(tokenizer):
     model.eval()
     uft.generate(model, tokenizer, prompts, max_new_tokens=2)
     assert not model.training
+
+
+def test_sample_next_draws_from_the_filtered_softmax():
+    """Empirical frequencies of 40,000 draws match softmax(logits / T) after top-k; filtered ids never appear."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0, float("-inf")])
+    n, T = 40_000, 0.8
+    rows = logits.expand(n, -1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(uft.sample_next(rows, T, 0, 1.0, g), minlength=8).double()
+    p = (logits / T).softmax(-1).double()
+    assert counts[7] == 0                                              # probability 0 is never drawn
+    assert ((counts / n - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9).all()
+    counts = torch.bincount(uft.sample_next(rows, T, 3, 1.0, g), minlength=8).double()
+    p3 = (logits[:3] / T).softmax(-1).double()
+    assert counts[3:].sum() == 0 and ((counts[:3] / n - p3).abs() <= 4 * (p3 * (1 - p3) / n).sqrt()).all()
