@@ -548,6 +548,13 @@ def current_lambda(args, step: int) -> float:
     return 0.0 if args.loss == "ce" else 1.0
 
 
+def widen(x: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """(B, l) -> (B, width): x, then `fill` in the extra columns."""
+    out = x.new_full((x.shape[0], width), fill)
+    out[:, : x.shape[1]] = x
+    return out
+
+
 def train_step(run: GoRun) -> dict:
     """One optimizer step. With micro-batches each micro-batch takes its own max, weighted by its token
     share (exactly the batch max when micro_batch_size >= batch_size, the default); the logged statistics
@@ -574,7 +581,9 @@ def train_step(run: GoRun) -> dict:
         (loss * share).backward()
         loss_sum += float(loss.detach()) * share
         kept.append((losses.detach(), groups, part.target_mask))
-    losses, groups, mask = (torch.cat(t) for t in zip(*kept))
+    width = batch.target_mask.shape[1]                     # micro-batches are cut to their own longest row
+    losses, groups, mask = (torch.cat([widen(x, width, fill) for x in t])
+                            for t, fill in zip(zip(*kept), (0.0, UNSUPERVISED, False)))
     _, stats = worst_group_loss(losses, groups, mask, lam, a.go_reduce)
     if stats["worst_group"] >= 0:
         run.switches += int(run.last_worst >= 0 and stats["worst_group"] != run.last_worst)
@@ -582,6 +591,7 @@ def train_step(run: GoRun) -> dict:
     stats.update(loss=loss_sum, lam=lam, worst_switches=run.switches,
                  important_fraction=float((groups == IMPORTANT).sum() / mask.sum()),
                  grad_norm=optimizer_step(run))
+    run.scheduler.step()
     if a.loss == "go" and a.go_mode == "dro":
         stats["q_important"] = float(run.q[IMPORTANT])
     return stats

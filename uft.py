@@ -1075,10 +1075,10 @@ def backward(loss: torch.Tensor, run: Run) -> None:
 
 
 def optimizer_step(run: Run) -> float:
-    """Clip, step, schedule; returns the pre-clip gradient norm."""
+    """Clip and step (the learning-rate schedule advances once per training step, in `training_step`);
+    returns the pre-clip gradient norm."""
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
     run.optimizer.step()
-    run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
@@ -1152,7 +1152,7 @@ def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: in
          + sft_loss_coef NLL(hint)                   (token-mean over its hint tokens)
     """
     a, vocab, G = run.args, len(run.tokenizer), run.args.num_generations
-    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=a.entropy_coef > 0,
+    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=True,
                                      group_size=G)
     old = logp.detach() if old_logp is None else old_logp[:, : logp.shape[1]]  # one update per step: ratio 1
     mask = part.target_mask
@@ -1164,9 +1164,9 @@ def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: in
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + a.beta * kl
         stats["kl"] = masked_sum(kl, mask).item() / max(n_response, 1)
-    if entropy is not None:
+    stats["entropy"] = float(masked_sum(entropy.detach(), mask)) / max(n_response, 1)   # logged even when unused
+    if a.entropy_coef > 0:
         per_token = per_token - a.entropy_coef * entropy
-        stats["entropy"] = float(masked_sum(entropy.detach(), mask)) / max(n_response, 1)
     loss = masked_sum(per_token, mask) / max(n_response, 1)
     if use_hint_nll and a.sft_loss_coef > 0:
         nll = hint_nll(hint_logp, part.hint_mask, num_tokens=n_hint)
@@ -1313,7 +1313,10 @@ def phase_of(algo: str, step: int, sft_steps: int) -> str:
 
 
 def make_optimizer(model, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and a warm-up + constant/cosine learning-rate schedule over T steps."""
+    """AdamW and a warm-up + constant/cosine learning-rate schedule over T training steps.
+
+    The scheduler is stepped once per training step, however many optimizer updates (PPO mini-batches) it makes.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * args.T)
 
@@ -1339,15 +1342,18 @@ def training_step(run: Run) -> dict:
     phase = phase_of(a.algo, run.step, a.sft_steps)
     rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, run.step, a.seed)]
     if phase == "sft":
-        return {"phase": phase, **sft_update(run, sft_batch(run, rows))}
-    if a.algo == "sft-rft" and run.step == a.sft_steps + 1 and a.beta > 0:
-        run.ref = frozen_copy(run.model)      # RFT regularises toward the SFT checkpoint it starts from
-    schedule = a.hint_schedule or ALGOS[a.algo][0]
-    batch, stats, samples = rollout(run, rows, run.step, schedule)
-    if run.step % a.eval_steps == 0 or run.step == 1:
-        for s in samples:
-            append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s})
-    return {"phase": phase, **stats, **rl_update(run, batch, use_hint_nll=ALGOS[a.algo][1])}
+        metrics = sft_update(run, sft_batch(run, rows))
+    else:
+        if a.algo == "sft-rft" and run.step == a.sft_steps + 1 and a.beta > 0:
+            run.ref = frozen_copy(run.model)      # RFT regularises toward the SFT checkpoint it starts from
+        schedule = a.hint_schedule or ALGOS[a.algo][0]
+        batch, stats, samples = rollout(run, rows, run.step, schedule)
+        if run.step % a.eval_steps == 0 or run.step == 1:
+            for s in samples:
+                append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s})
+        metrics = {**stats, **rl_update(run, batch, use_hint_nll=ALGOS[a.algo][1])}
+    run.scheduler.step()                      # the schedule counts training steps, not optimizer updates
+    return {"phase": phase, **metrics}
 
 
 def run_eval(run: Run, progress: bool = False) -> dict:
@@ -1465,6 +1471,7 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
     for step in bar:
         batch = [rows[i] for i in rows_for_step(len(rows), recipe["batch_size"], step, recipe["seed"])]
         bar.set_postfix(nll=f"{sft_update(run, sft_batch(run, batch))['loss']:.3f}")
+        scheduler.step()
 
     def save(tmp):
         model.save_pretrained(tmp)
@@ -1516,27 +1523,31 @@ def build_parser():
                     "GPU settings are in the README.")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", default="uft", choices=list(ALGOS), help="what to train")
-    g.add_argument("--T", type=int, default=100, help="training steps")
-    g.add_argument("--T_hint", type=int, default=60, help="steps with hints; no hint after it (plain RFT)")
+    g.add_argument("--T", type=int, default=150, help="training steps")
+    g.add_argument("--T_hint", type=int, default=50, help="steps with hints; no hint after it (plain RFT)")
     g.add_argument("--p_low", type=float, default=0.05, help="hint fraction at the end of the cosine decay")
-    g.add_argument("--p_high", type=float, default=0.95, help="hint fraction at the start of the cosine decay")
+    g.add_argument("--p_high", type=float, default=0.5,
+                   help="hint fraction at the start of the cosine decay (released GPU runs: 0.95)")
     g.add_argument("--hint_schedule", default=None, choices=SCHEDULES,
                    help="override the algo's schedule (uft: cosine, r3: uniform, rft: none); staged = ablation")
     g.add_argument("--sft_steps", type=int, default=None, help="sft-rft: SFT steps before RFT (default T // 2)")
     g = p.add_argument_group("objective")
-    g.add_argument("--num_generations", type=int, default=8, help="G: rollouts per prompt (one group)")
+    g.add_argument("--num_generations", type=int, default=4, help="G: rollouts per prompt (one group)")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range")
     g.add_argument("--beta", type=float, default=0.001, help="k3 KL coefficient; 0 keeps no reference model")
-    g.add_argument("--entropy_coef", type=float, default=0.001, help="entropy bonus on response tokens")
+    g.add_argument("--entropy_coef", type=float, default=0.0,
+                   help="entropy bonus on response tokens (released GPU runs: 0.001)")
     g.add_argument("--sft_loss_coef", type=float, default=0.5,
                    help="hint-token NLL coefficient (uft only; released GPU default 0.001)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8, help="prompts per step (SFT: problems per step)")
-    g.add_argument("--mini_batch_size", type=int, default=8, help="prompts per optimizer update (PPO mini-batch)")
-    g.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass (gradient accumulation)")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (released GPU runs: 1e-6)")
+    g.add_argument("--batch_size", type=int, default=32, help="prompts per step (SFT: problems per step)")
+    g.add_argument("--mini_batch_size", type=int, default=32, help="prompts per optimizer update (PPO mini-batch)")
+    g.add_argument("--micro_batch_size", type=int, default=64,
+                   help="rows per forward pass (gradient accumulation); RL: rounded down to whole groups")
+    g.add_argument("--learning_rate", type=float, default=2e-4, help="AdamW learning rate (released GPU runs: 1e-6)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine"], help="after warm-up")
+    g.add_argument("--lr_scheduler", default="cosine", choices=["constant", "cosine"],
+                   help="after warm-up; cosine decays to 0 at step T (released GPU runs: constant)")
     g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of T spent warming up")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
     g = p.add_argument_group("sampling")

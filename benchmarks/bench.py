@@ -579,8 +579,9 @@ def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dic
             "'hinted' runs early UFT steps (hint fraction ~0.95: longer prompts, shorter completions, + hint NLL). "
             f"{size['steps']} measured steps each after one warm-up step; TRL and UFT steps alternate.")
     need = trl_s / STEP_SPEEDUP - rest        # sampling seconds that would give the target speed-up
-    say("", f"Amdahl: the rest of the step (rewards, policy + reference forward, backward, AdamW) is the same "
-            f"computation in both trainers ({rest:.2f} s in UFT, {trl_s - sampling[names[0]]:.2f} s in TRL). With an "
+    say("", f"Amdahl: the rest of the step (rewards, policy + reference forward, backward, AdamW) takes {rest:.2f} s "
+            f"in UFT and {trl_s - sampling[names[0]]:.2f} s in TRL (UFT runs each group's shared prompt once and cuts "
+            f"each micro-batch to its longest row). With an "
             f"infinitely fast sampler the UFT step would be {bound:.2f}x faster than TRL's; {STEP_SPEEDUP}x needs UFT "
             + (f"sampling in <= {need:.3f} s, {sampling[names[0]] / need:.1f}x faster than TRL's model.generate "
                f"({sampling[names[0]]:.3f} s)." if need > 0 else "a cheaper update: sampling alone cannot reach it."))

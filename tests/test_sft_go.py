@@ -411,3 +411,12 @@ def test_countdown_rows_are_scored_by_greedy_accuracy(tiny, tmp_path):
     assert sft_go.main(flags) == 0
     last = uft.read_jsonl(tmp_path / "metrics.jsonl")[-1]
     assert 0 <= last["eval_accuracy"] <= 1 and "eval_format_rate" in last
+
+
+def test_cosine_learning_rate_decays_over_the_run(tiny, tmp_path):
+    """The schedule advances once per step (micro-batches of 2 rows, batch 4) and reaches 0 at step T."""
+    out = tmp_path / "lr"
+    assert sft_go.main(run_flags(tiny, out, "--loss", "ce", "--lr_scheduler", "cosine", "--warmup_ratio", "0")) == 0
+    lrs = [m["lr"] for m in uft.read_jsonl(out / "metrics.jsonl") if "lr" in m]
+    T, peak = 3, 1e-2
+    assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * t / T)) for t in range(1, T + 1)])

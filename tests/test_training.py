@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: every algo, the run folder, resume, bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -159,3 +160,15 @@ def test_data_file_of_the_released_schema_trains_and_a_bad_row_is_named(tiny_dir
     assert uft.main(flags(tiny_dir, tmp_path / "o2", "--data", str(bad))) == 1
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "row 4" in err and "target" in err
+
+
+def test_learning_rate_schedule_counts_training_steps_not_optimizer_updates(tiny_dir, tmp_path):
+    """batch 2 / mini-batch 1 = two optimizer updates a step; the cosine still spans exactly T steps."""
+    out = tmp_path / "cosine"
+    assert uft.main(flags(tiny_dir, out, "--algo", "rft", "--lr_scheduler", "cosine", "--warmup_ratio", "0.25")) == 0
+    lrs = [m["lr"] for m in uft.read_jsonl(out / "metrics.jsonl") if "lr" in m]
+    T, peak, warmup = 4, 1e-3, 1
+    # after step t the scheduler has taken t steps: warm-up for the first, then cosine over the remaining T - 1
+    expected = [peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (T - warmup))) for t in range(1, T + 1)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[0] == pytest.approx(peak)
