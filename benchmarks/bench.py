@@ -576,7 +576,8 @@ def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dic
             f"lr={a.learning_rate}; the same optimizer (torch AdamW + LambdaLR from uft.make_optimizer, handed to "
             "GRPOTrainer(optimizers=...)); TRL loss_type='dapo' (token mean, as uft), no gradient checkpointing; fp32. "
             "'no hint' runs UFT steps after T_hint, whose prompts are the same questions TRL gets, in the same order; "
-            "'hinted' runs early UFT steps (hint fraction ~0.95: longer prompts, shorter completions, + hint NLL). "
+            f"'hinted' runs early UFT steps (hint fraction {uft.hint_fraction(1, a.T_hint, a.p_low, a.p_high):.2f} "
+            "at step 1: longer prompts, shorter completions, + hint NLL). "
             f"{size['steps']} measured steps each after one warm-up step; TRL and UFT steps alternate.")
     need = trl_s / STEP_SPEEDUP - rest        # sampling seconds that would give the target speed-up
     say("", f"Amdahl: the rest of the step (rewards, policy + reference forward, backward, AdamW) takes {rest:.2f} s "
