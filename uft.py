@@ -973,6 +973,8 @@ def grouped_forward_logits(model, batch: "Batch", group_size: int) -> torch.Tens
     H, L = batch.hint_mask.shape[1], batch.target_mask.shape[1]
     S = batch.ids.shape[1] - L
     p_ids, p_mask = batch.ids[::group_size, :S], batch.attention[::group_size, :S]        # (P, S)
+    if not torch.equal(batch.ids[:, :S].view(-1, group_size, S), p_ids[:, None].expand(-1, group_size, -1)):
+        raise ValueError(f"score(group_size={group_size}): rows of a group do not share their prompt")
     cache = DynamicCache(config=model.config)
     p_logits = model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions_from_mask(p_mask),
                      past_key_values=cache, use_cache=True, logits_to_keep=H + 1).logits  # (P, H + 1, V)
@@ -989,7 +991,8 @@ def score(model, batch: Batch, temperature: float, vocab_size: int, with_entropy
           group_size: int = 1):
     """Teacher-forced (hint logp (N, H), target logp (N, L), target entropy (N, L) or None) in one forward.
 
-    group_size > 1: consecutive rows in groups of that size share their prompt, which is then run once.
+    group_size > 1: consecutive rows in groups of that size share their prompt, which then runs once
+    (`grouped_forward_logits`: two passes, the same numbers).
     """
     H, L = batch.hint_mask.shape[1], batch.target_mask.shape[1]
     if group_size > 1:

@@ -191,3 +191,9 @@ def test_rows_cut_padding_and_keep_token_alignment(tokenizer, llama):
                                    (hint_full * batch.hint_mask)[index][:, hint_full.shape[1] - H:])
         assert (cut.target_mask == batch.target_mask[index, :L]).all()
         assert (cut.advantages == batch.advantages[index]).all()
+
+
+def test_shared_prompt_scoring_refuses_groups_with_different_prompts(tokenizer, llama):
+    batch = grouped_batch(tokenizer)                  # two groups of 3 rows
+    with pytest.raises(ValueError, match="do not share their prompt"):
+        uft.score(llama, batch, 1.0, len(tokenizer), group_size=2)
