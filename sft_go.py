@@ -41,7 +41,8 @@ import torch
 
 import uft
 from uft import (DEFAULT_CACHE, Batch, UserError, append_jsonl, load_model, make_batch,
-                 make_optimizer, micro_batches, optimizer_step, read_jsonl, rows_for_step, save_atomically, score)
+                 make_optimizer, micro_batches, optimizer_step, read_jsonl, rows_for_step, save_atomically, score,
+                 widen)
 
 UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding get -1
 LOSSES = ("ce", "go", "rho1")
@@ -546,13 +547,6 @@ def current_lambda(args, step: int) -> float:
     if args.loss == "go":
         return lambda_at(step, args.T, args.lam, args.lam_schedule)
     return 0.0 if args.loss == "ce" else 1.0
-
-
-def widen(x: torch.Tensor, width: int, fill) -> torch.Tensor:
-    """(B, l) -> (B, width): x, then `fill` in the extra columns."""
-    out = x.new_full((x.shape[0], width), fill)
-    out[:, : x.shape[1]] = x
-    return out
 
 
 def train_step(run: GoRun) -> dict:

@@ -1064,6 +1064,13 @@ def rows_for_step(num_rows: int, batch_size: int, step: int, seed: int) -> list[
     return picked
 
 
+def widen(x: torch.Tensor, width: int, fill=0) -> torch.Tensor:
+    """(B, l) -> (B, width): x, then `fill` in the extra columns (per-token tensors of a cut micro-batch)."""
+    out = x.new_full((x.shape[0], width), fill)
+    out[:, : x.shape[1]] = x
+    return out
+
+
 def micro_batches(num_rows: int, size: int):
     """Index tensors of consecutive chunks of at most `size` rows."""
     for start in range(0, num_rows, size):
@@ -1187,7 +1194,7 @@ def sampling_policy_logp(run: Run, batch: Batch, rows_per_pass: int) -> torch.Te
         for index in micro_batches(batch.ids.shape[0], rows_per_pass):
             logp = score(run.model, batch.rows(index), a.temperature, len(run.tokenizer),
                          group_size=a.num_generations)[1]                                    # (n, L_part)
-            parts.append(torch.nn.functional.pad(logp, (0, L - logp.shape[1])))                # (n, L)
+            parts.append(widen(logp, L))                                                       # (n, L)
     return torch.cat(parts)
 
 
