@@ -442,8 +442,8 @@ def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
     if (folder / "config.json").exists():
         return folder
     ref = copy.deepcopy(model).train()
-    ref_args = argparse.Namespace(**{**vars(args), "T": args.ref_steps, "warmup_ratio": 0.0})
-    optimizer, scheduler = make_optimizer(ref, ref_args)
+    optimizer, scheduler = make_optimizer(ref, args.learning_rate, args.weight_decay, 0.0, args.ref_steps,
+                                          args.lr_scheduler)
     for step in tqdm(range(1, args.ref_steps + 1), desc=f"reference: plain SFT (once; cached in {folder})"):
         index = rows_for_step(len(enc.responses), args.batch_size, step, args.seed + 1)
         ce_step(ref, tokenizer, batch_of(enc, index, tokenizer.pad_token_id, ref.device), args.micro_batch_size)
@@ -612,7 +612,7 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
     if is_countdown(test):
         m, _ = uft.evaluate(run.model, run.tokenizer, test, a.max_completion_length, a.eval_batch_size,
                             progress=progress)
-        metrics.update({f"eval_{k}": v for k, v in m.items()})
+        metrics.update({f"eval_{k}": v for k, v in m.items() if k != "rewards"})
     return metrics
 
 
@@ -718,7 +718,8 @@ def setup(args, rows: dict) -> GoRun:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    optimizer, scheduler = make_optimizer(model, args)
+    optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio, args.T,
+                                          args.lr_scheduler)
     return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)
 
 

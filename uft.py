@@ -169,8 +169,8 @@ def load_model(model: str = BUILTIN, *, dtype: str = "float32", device: str = "a
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     dev = resolve_device(device)
-    if model == BUILTIN:
-        model = str(builtin_base(cache_dir))
+    if model in BASE_RECIPES:
+        model = str(builtin_base(cache_dir, BASE_RECIPES[model]))
     kwargs = dict(trust_remote_code=trust_remote_code)
     if gguf_file:
         gguf_path = Path(gguf_file).expanduser()
@@ -576,6 +576,14 @@ def countdown_split(num_train: int, num_test: int, seed: int, min_nums: int = 3,
     return train, test
 
 
+def countdown_validation(num_val: int, num_test: int, seed: int, min_nums: int = 3, max_nums: int = 4) -> list[dict]:
+    """Held-out problems for choosing settings, disjoint from countdown_split's test rows (and its train rows).
+
+    They are the next num_val problems of the test side's stream, so the test rows stay what they were.
+    """
+    return generate_countdown(num_test + num_val, seed, min_nums, max_nums, heldout=True)[num_test:]
+
+
 # --- loading files of the released schema -------------------------------------------------------------------
 
 def _as_int(x) -> int | None:
@@ -882,10 +890,28 @@ def policy_gradient_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages:
     return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
 
 
+KL_CLAMP = 10.0  # the released k3 value is clamped to [-10, 10]: beyond it the KL term has no gradient
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || pi_ref) per token: exp(x) - x - 1 with x = ref_logp - logp (>= 0, 0 iff equal)."""
+    """k3 estimator of KL(pi || pi_ref) per token: exp(x) - x - 1 with x = ref_logp - logp (>= 0, 0 iff equal),
+    clamped to [-10, 10] as released: past x = 2.6 (or below x = -11) the value is 10 and the gradient 0.
+
+    >>> kl_k3(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 5.0]))    # e^5 - 6 = 142.4 is clamped
+    tensor([ 0., 10.])
+    """
     x = ref_logp - logp
-    return torch.exp(x) - x - 1
+    return (torch.exp(x) - x - 1).clamp(-KL_CLAMP, KL_CLAMP)
+
+
+def clipped_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                     epsilon: float) -> torch.Tensor:
+    """(N, L) bool: tokens where the PPO clip is active (ratio past 1 + eps with A > 0, or below 1 - eps with A < 0).
+
+    With one optimizer update per step the ratio is exactly 1 and nothing is ever clipped.
+    """
+    ratio = torch.exp(logp - old_logp)
+    return ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
@@ -900,7 +926,7 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum()
 
 
-def hint_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
     """Token-mean negative log-likelihood over the masked tokens: the hint tokens in UFT, the answer in SFT.
 
     num_tokens: the denominator when the mean runs over an accumulated batch; 0 tokens give 0 (not NaN).
@@ -1031,6 +1057,8 @@ class Run:
     out: Path
     step: int = 0
     token_cache: dict = dataclasses.field(default_factory=dict)
+    val_rows: list[dict] = dataclasses.field(default_factory=list)   # for choosing settings; never reported
+    budget: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(BUDGET, 0))  # running totals
 
     def encode(self, text: str) -> list[int]:
         if text not in self.token_cache:
@@ -1040,6 +1068,17 @@ class Run:
     def answer_ids(self, row: dict) -> list[int]:
         """The answer tokenised fragment by fragment, so that every hint's tokens are a prefix of it."""
         return answer_token_ids(row, self.encode)
+
+
+BUDGET = ("optimizer_steps", "problems_seen", "tokens_generated", "train_seconds")  # one unit for every algo
+
+
+def add_to_budget(budget: dict, metrics: dict, batch_size: int) -> dict:
+    """The running totals after one step (SFT generates no tokens; RL counts every sampled token)."""
+    return {"optimizer_steps": budget["optimizer_steps"] + metrics["updates"],
+            "problems_seen": budget["problems_seen"] + batch_size,
+            "tokens_generated": budget["tokens_generated"] + metrics.get("rollout_tokens", 0),
+            "train_seconds": budget["train_seconds"] + metrics["step_seconds"]}
 
 
 def answer_token_ids(row: dict, encode) -> list[int]:
@@ -1108,10 +1147,10 @@ def sft_update(run: Run, batch: Batch) -> dict:
     for index in micro_batches(batch.ids.shape[0], a.micro_batch_size):
         part = batch.rows(index)
         _, logp, _ = score(run.model, part, 1.0, len(run.tokenizer))
-        loss = hint_nll(logp, part.target_mask, num_tokens=total)
+        loss = masked_nll(logp, part.target_mask, num_tokens=total)
         backward(loss, run)
         loss_sum += loss.item()
-    return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": optimizer_step(run)}
+    return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": optimizer_step(run), "updates": 1}
 
 
 def reward_of(row: dict, text: str) -> float:
@@ -1143,46 +1182,66 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
              "train_accuracy": float((rewards == 1.0).float().mean()),
              "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+             "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),   # >= 1 correct rollout
              "hint_fraction": hint_fraction(step, a.T_hint, a.p_low, a.p_high) if hint_schedule == "cosine" else
              drawn,
              "hint_fraction_drawn": drawn,
              "response_length": float(out.lengths.float().mean()),
              "truncated": float((~out.finished).float().mean()),
+             "rollout_tokens": int(out.lengths.sum()),
              "rollout_tokens_per_s": float(out.lengths.sum()) / max(seconds, 1e-9)}
     samples = [{"step": step, "hint": hints[p][0], "completion": texts[i], "reward": float(rewards[i])}
                for i, p in enumerate(owner[: a.num_generations])]
     return batch, stats, samples
 
 
-def rl_loss(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: int, n_hint: int,
-            use_hint_nll: bool) -> tuple[torch.Tensor, dict]:
-    """The UFT objective on one micro-batch, as a sum ready for accumulation (spec section 3):
+def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, entropy: torch.Tensor,
+            hint_logp: torch.Tensor, response_mask: torch.Tensor, hint_mask: torch.Tensor,
+            advantages: torch.Tensor, *, epsilon: float, beta: float, entropy_coef: float, sft_loss_coef: float,
+            n_response: int | None = None, n_hint: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The UFT objective (paper eq. for J, released code's coefficients) from per-token tensors:
 
-    loss = PPO-clip + beta KL_k3 - entropy_coef H   (token-mean over the mini-batch's response tokens)
-         + sft_loss_coef NLL(hint)                   (token-mean over its hint tokens)
+    loss = sum over response tokens of [PPO-clip + beta KL_k3 - entropy_coef H] / n_response
+         + sft_loss_coef * sum over hint tokens of [-log pi] / n_hint
+
+    logp, old_logp, ref_logp (None: no KL), entropy, response_mask (N, L); hint_logp, hint_mask (N, H);
+    advantages (N,). n_response / n_hint: the token counts of the whole mini-batch when this is one
+    micro-batch of it (default: this batch's own counts), so accumulated micro-batch losses add up to the
+    mini-batch's token means. Returns (loss, terms): each term's token mean as a float.
     """
+    n_response = int(response_mask.sum()) if n_response is None else n_response
+    adv = advantages[:, None]                                                       # (N, 1)
+    per_token = policy_gradient_loss(logp, old_logp, adv, epsilon)                  # (N, L)
+    mean = lambda x: float(masked_sum(x.detach().float(), response_mask)) / max(n_response, 1)  # noqa: E731
+    terms = {"pg_loss": mean(per_token), "entropy": mean(entropy),
+             "clip_fraction": mean(clipped_fraction(logp, old_logp, adv, epsilon))}
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp)                                                  # (N, L)
+        per_token = per_token + beta * kl
+        terms["kl"] = mean(kl)
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
+    loss = masked_sum(per_token, response_mask) / max(n_response, 1)
+    if sft_loss_coef > 0 and hint_logp is not None:
+        nll = masked_nll(hint_logp, hint_mask, num_tokens=n_hint)
+        loss = loss + sft_loss_coef * nll
+        terms["hint_nll"] = nll.item()
+    return loss, terms
+
+
+def rl_micro_step(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: int, n_hint: int,
+                  use_hint_nll: bool) -> tuple[torch.Tensor, dict]:
+    """Score one micro-batch with the policy (and the frozen reference), then `rl_loss` on it."""
     a, vocab, G = run.args, len(run.tokenizer), run.args.num_generations
-    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=True,
-                                     group_size=G)
+    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=True, group_size=G)
     old = logp.detach() if old_logp is None else old_logp[:, : logp.shape[1]]  # one update per step: ratio 1
-    mask = part.target_mask
-    per_token = policy_gradient_loss(logp, old, part.advantages[:, None], a.epsilon)   # (n, L)
-    stats = {"pg_loss": masked_sum(per_token, mask).item() / max(n_response, 1)}
+    ref_logp = None
     if run.ref is not None:
         with torch.no_grad():
-            _, ref_logp, _ = score(run.ref, part, a.temperature, vocab, group_size=G)
-        kl = kl_k3(logp, ref_logp)
-        per_token = per_token + a.beta * kl
-        stats["kl"] = masked_sum(kl, mask).item() / max(n_response, 1)
-    stats["entropy"] = float(masked_sum(entropy.detach(), mask)) / max(n_response, 1)   # logged even when unused
-    if a.entropy_coef > 0:
-        per_token = per_token - a.entropy_coef * entropy
-    loss = masked_sum(per_token, mask) / max(n_response, 1)
-    if use_hint_nll and a.sft_loss_coef > 0:
-        nll = hint_nll(hint_logp, part.hint_mask, num_tokens=n_hint)
-        loss = loss + a.sft_loss_coef * nll
-        stats["hint_nll"] = nll.item()
-    return loss, stats
+            ref_logp = score(run.ref, part, a.temperature, vocab, group_size=G)[1]
+    return rl_loss(logp, old, ref_logp, entropy, hint_logp, part.target_mask, part.hint_mask, part.advantages,
+                   epsilon=a.epsilon, beta=a.beta, entropy_coef=a.entropy_coef,
+                   sft_loss_coef=a.sft_loss_coef if use_hint_nll else 0.0, n_response=n_response, n_hint=n_hint)
 
 
 def sampling_policy_logp(run: Run, batch: Batch, rows_per_pass: int) -> torch.Tensor:
@@ -1217,13 +1276,14 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
         for index in micro_batches(update.numel(), rows_per_pass):
             part = mini.rows(index)
             old = None if old_logp is None else old_logp[update][index]
-            loss, stats = rl_loss(run, part, old, n_response, n_hint, use_hint_nll)
+            loss, stats = rl_micro_step(run, part, old, n_response, n_hint, use_hint_nll)
             backward(loss, run)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / len(updates)
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(updates)
         norms.append(optimizer_step(run))
     totals["grad_norm"] = sum(norms) / len(norms)
+    totals["updates"] = len(updates)
     return totals
 
 
@@ -1233,7 +1293,10 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
 
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 256,
              num_samples: int = 4, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Accuracy (reward == 1), mean reward and format rate (an answer was extracted) of greedy completions."""
+    """Accuracy (reward == 1), mean reward and format rate (an answer was extracted) of greedy completions.
+
+    The metrics also hold `rewards`, one per row in order, for paired comparisons of two models.
+    """
     from tqdm.auto import tqdm
 
     rewards, samples, lengths = [], [], []
@@ -1251,7 +1314,8 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch
         lengths.extend(out.lengths.tolist())
     r = torch.tensor(rewards)
     return ({"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
-             "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths)}, samples)
+             "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths),
+             "rewards": rewards}, samples)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1274,7 +1338,7 @@ def save_checkpoint(run: Run) -> None:
         run.tokenizer.save_pretrained(tmp)
         if run.ref is not None and run.args.algo == "sft-rft":
             run.ref.save_pretrained(tmp / "ref")
-        torch.save({"step": run.step, "optimizer": run.optimizer.state_dict(),
+        torch.save({"step": run.step, "budget": run.budget, "optimizer": run.optimizer.state_dict(),
                     "scheduler": run.scheduler.state_dict(), "rng": run.rng.getstate(),
                     "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state()},
                    tmp / "trainer_state.pt")
@@ -1283,14 +1347,82 @@ def save_checkpoint(run: Run) -> None:
 
 def restore_checkpoint(run: Run) -> None:
     state = torch.load(run.out / "checkpoint" / "trainer_state.pt", weights_only=False)
-    run.step = state["step"]
+    run.step, run.budget = state["step"], state["budget"]
+    a = run.args
+    run.optimizer, run.scheduler = optimizer_for(a, run.model, phase_of(a.algo, run.step, a.sft_steps))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.rng.setstate(state["rng"])
     run.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    metrics = [m for m in read_jsonl(run.out / "metrics.jsonl") if m["step"] <= run.step]  # drop unsaved steps
-    (run.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    for name in ("metrics.jsonl", "eval_rewards.jsonl"):          # drop the steps after the checkpoint
+        kept = [m for m in read_jsonl(run.out / name) if m["step"] <= run.step]
+        (run.out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def setup_run(args) -> Run:
+    """Models, rows and optimizer of a run; a fresh run folder (with the base model's evaluation) or a resumed one."""
+    out = Path(args.output_dir)
+    resuming = bool(args.resume) and (out / "checkpoint" / "trainer_state.pt").exists()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                            trust_remote_code=args.trust_remote_code)
+    train_rows, val_rows, test_rows = load_rows(args)
+    ref = None                              # sft-rft makes its reference when its RL phase starts
+    if args.beta > 0 and args.algo not in ("sft", "sft-rft"):
+        ref = frozen_copy(model)
+    if resuming:
+        model = load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
+        if args.algo == "sft-rft" and (out / "checkpoint" / "ref").exists():
+            ref = load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "samples.jsonl", "eval_rewards.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    optimizer, scheduler = optimizer_for(args, model, phase_of(args.algo, 1, args.sft_steps))
+    device = model.device if model.device.type != "cpu" else "cpu"
+    run = Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
+              train_rows=train_rows, test_rows=test_rows, val_rows=val_rows, rng=random.Random(args.seed),
+              generator=torch.Generator(device=device).manual_seed(args.seed), out=out)
+    if resuming:
+        restore_checkpoint(run)
+        print(f"resumed {out} at step {run.step}")
+    else:
+        first = {"step": 0, **run_eval(run, progress=True)}
+        append_jsonl(out / "metrics.jsonl", first)
+        print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  reward {first['eval_reward']:.3f}  "
+              f"format {first['eval_format_rate']:.3f}  ({len(test_rows)} held-out problems)")
+    return run
+
+
+def paired_comparison(before: list[float], after: list[float]) -> dict:
+    """Two models' rewards on the same problems -> the accuracy gain with a 95% interval, wins and losses.
+
+    Per problem d = [after correct] - [before correct]; the interval is mean(d) +- 1.96 sd(d) / sqrt(n);
+    the exact McNemar p counts the problems that changed (wins vs losses under a fair coin).
+    >>> r = paired_comparison([1, 0, 0, 1], [1, 1, 1, 0])
+    >>> r["gain"], r["wins"], r["losses"], round(r["p_mcnemar"], 3)
+    (0.25, 2, 1, 1.0)
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_comparison needs two equal, non-empty lists (got {len(before)}, {len(after)})")
+    d = [float(b == REWARD_CORRECT) - float(a == REWARD_CORRECT) for a, b in zip(before, after)]
+    n, mean = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
+    wins, losses = d.count(1.0), d.count(-1.0)
+    tail = sum(math.comb(wins + losses, i) for i in range(min(wins, losses) + 1)) / 2 ** (wins + losses)
+    return {"gain": mean, "low": mean - 1.96 * sd / math.sqrt(n), "high": mean + 1.96 * sd / math.sqrt(n),
+            "wins": wins, "losses": losses, "p_mcnemar": min(1.0, 2 * tail), "n": n}
+
+
+def run_summary(out: Path) -> dict:
+    """Base and final held-out accuracy of a finished run folder, with the paired comparison of the two."""
+    evals = [m for m in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in m]
+    rewards = [r["rewards"] for r in read_jsonl(out / "eval_rewards.jsonl") if r["split"] == "eval"]
+    return {"base_accuracy": evals[0]["eval_accuracy"], "final_accuracy": evals[-1]["eval_accuracy"],
+            "comparison": paired_comparison(rewards[0], rewards[-1]), "output_dir": str(out)}
 
 
 def plot_run(out: Path) -> Path:
@@ -1322,21 +1454,40 @@ def phase_of(algo: str, step: int, sft_steps: int) -> str:
     return "sft" if algo == "sft" or (algo == "sft-rft" and step <= sft_steps) else "rl"
 
 
-def make_optimizer(model, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and a warm-up + constant/cosine learning-rate schedule over T training steps.
+def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, steps: int,
+                   schedule: str = "cosine") -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and a linear warm-up + constant/cosine learning-rate schedule over `steps` training steps.
 
-    The scheduler is stepped once per training step, however many optimizer updates (PPO mini-batches) it makes.
+    The scheduler is stepped once per training step, however many optimizer updates (PPO mini-batches) it makes;
+    cosine reaches 0 at the last step.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    warmup = int(args.warmup_ratio * args.T)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    warmup = int(warmup_ratio * steps)
 
-    def factor(i):       # i = number of optimizer steps taken
+    def factor(i):       # i = training steps taken
         if i < warmup:
             return (i + 1) / warmup
-        if args.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, args.T - warmup))))
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup))))
         return 1.0
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_for(args, model, phase: str):
+    """The optimizer of a phase: SFT has its own learning rate and warm-up over its own steps; RL runs T steps.
+
+    sft-rft builds a fresh one when its RL phase starts, as the paper's SFT-then-RFT recipe does.
+    """
+    if phase == "sft":
+        steps = args.T if args.algo == "sft" else args.sft_steps
+        return make_optimizer(model, args.sft_learning_rate, args.weight_decay, args.sft_warmup_ratio, steps,
+                              args.lr_scheduler)
+    return make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio, args.T, args.lr_scheduler)
+
+
+def total_steps(args) -> int:
+    """Training steps of the run: T, plus the SFT phase for sft-rft (its RL phase gets as many steps as rft)."""
+    return args.T + (args.sft_steps if args.algo == "sft-rft" else 0)
 
 
 def frozen_copy(model):
@@ -1354,10 +1505,12 @@ def training_step(run: Run) -> dict:
     if phase == "sft":
         metrics = sft_update(run, sft_batch(run, rows))
     else:
-        if a.algo == "sft-rft" and run.step == a.sft_steps + 1 and a.beta > 0:
-            run.ref = frozen_copy(run.model)      # RFT regularises toward the SFT checkpoint it starts from
+        rl_step = run.step - (a.sft_steps if a.algo == "sft-rft" else 0)    # counts from 1 in the RL phase
+        if a.algo == "sft-rft" and rl_step == 1:
+            run.optimizer, run.scheduler = optimizer_for(a, run.model, "rl")  # fresh AdamW and schedule
+            run.ref = frozen_copy(run.model) if a.beta > 0 else None  # RFT stays near the SFT model it starts from
         schedule = a.hint_schedule or ALGOS[a.algo][0]
-        batch, stats, samples = rollout(run, rows, run.step, schedule)
+        batch, stats, samples = rollout(run, rows, rl_step, schedule)
         if run.step % a.eval_steps == 0 or run.step == 1:
             for s in samples:
                 append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s})
@@ -1367,56 +1520,30 @@ def training_step(run: Run) -> dict:
 
 
 def run_eval(run: Run, progress: bool = False) -> dict:
-    a = run.args
-    metrics, samples = evaluate(run.model, run.tokenizer, run.test_rows, a.max_completion_length,
-                                a.eval_batch_size, progress=progress)
-    for s in samples:
-        append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": run.step, **s})
-    return {f"eval_{k}": v for k, v in metrics.items()}
+    """Greedy evaluation on the held-out rows (eval_*) and, when there are any, the validation rows (val_*);
+    per-problem rewards go to eval_rewards.jsonl."""
+    a, out = run.args, {}
+    for split, rows in (("eval", run.test_rows), ("val", run.val_rows)):
+        if not rows:
+            continue
+        metrics, samples = evaluate(run.model, run.tokenizer, rows, a.max_completion_length, a.eval_batch_size,
+                                    progress=progress)
+        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split,
+                                                     "rewards": metrics.pop("rewards")})
+        if split == "eval":
+            for s in samples:
+                append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": run.step, **s})
+        out.update({f"{split}_{k}": v for k, v in metrics.items()})
+    return out
 
 
 def train(args) -> dict:
-    """Run args.algo for args.T steps; write the run folder; return the final eval metrics."""
+    """Run args.algo for its steps; write the run folder; return the base and final held-out results."""
     from tqdm.auto import tqdm
 
-    out = Path(args.output_dir)
-    resuming = (out / "checkpoint" / "trainer_state.pt").exists() and args.resume
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    base, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                           trust_remote_code=args.trust_remote_code)
-    train_rows, test_rows = load_rows(args)
-    needs_ref = args.beta > 0 and args.algo != "sft"
-    ref = None
-    if resuming:
-        model, _ = load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)
-        if needs_ref and args.algo == "sft-rft":
-            ref = (load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
-                   if (out / "checkpoint" / "ref").exists() else None)
-        elif needs_ref:
-            ref = frozen_copy(base)
-        del base
-    else:
-        model = base
-        ref = frozen_copy(model) if needs_ref and args.algo != "sft-rft" else None
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "samples.jsonl"):
-            (out / stale).unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    optimizer, scheduler = make_optimizer(model, args)
-    run = Run(args, model, tok, ref, optimizer, scheduler, train_rows, test_rows, random.Random(args.seed),
-              torch.Generator(device="cpu").manual_seed(args.seed), out)
-    if model.device.type != "cpu":
-        run.generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    if resuming:
-        restore_checkpoint(run)
-        print(f"resumed {out} at step {run.step}")
-    else:
-        first = {"step": 0, **run_eval(run, progress=True)}
-        append_jsonl(out / "metrics.jsonl", first)
-        print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  reward {first['eval_reward']:.3f}  "
-              f"format {first['eval_format_rate']:.3f}  ({len(test_rows)} held-out problems)")
-    bar = tqdm(range(run.step + 1, args.T + 1), desc=args.algo, initial=run.step, total=args.T)
+    run = setup_run(args)
+    steps = total_steps(args)
+    bar = tqdm(range(run.step + 1, steps + 1), desc=args.algo, initial=run.step, total=steps)
     for step in bar:
         run.step = step
         start = time.perf_counter()
@@ -1424,24 +1551,23 @@ def train(args) -> dict:
             metrics = training_step(run)
         except FloatingPointError as err:
             bar.close()
-            raise UserError(f"{err}: stopped; the last good checkpoint is in {out / 'checkpoint'} "
+            raise UserError(f"{err}: stopped; the last good checkpoint is in {run.out / 'checkpoint'} "
                             "(try a lower --learning_rate)") from None
-        metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
-        if step % args.eval_steps == 0 or step == args.T:
+        metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
+        run.budget = add_to_budget(run.budget, metrics, args.batch_size)
+        metrics.update(run.budget)
+        if step % args.eval_steps == 0 or step == steps:
             metrics.update(run_eval(run))
             tqdm.write(f"step {step} | accuracy {metrics['eval_accuracy']:.3f}  reward {metrics['eval_reward']:.3f}"
                        f"  format {metrics['eval_format_rate']:.3f}")
-        append_jsonl(out / "metrics.jsonl", metrics)
+        append_jsonl(run.out / "metrics.jsonl", metrics)
         shown = {"reward": "reward_mean", "acc": "train_accuracy", "hint": "hint_fraction", "loss": "loss"}
         bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
-        if step % args.save_steps == 0 or step == args.T:
+        if step % args.save_steps == 0 or step == steps:
             save_checkpoint(run)
     bar.close()
-    plot_run(out)
-    history = read_jsonl(out / "metrics.jsonl")
-    evals = [m for m in history if "eval_accuracy" in m]
-    return {"base_accuracy": evals[0]["eval_accuracy"], "final_accuracy": evals[-1]["eval_accuracy"],
-            "output_dir": str(out)}
+    plot_run(run.out)
+    return run_summary(run.out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1452,12 +1578,20 @@ def train(args) -> dict:
 # never-hinted answer tail by RL, so the base is first taught the format and some arithmetic by plain SFT on
 # problems that can never be in a held-out split (see `is_heldout`).
 BASE_RECIPE = dict(
+    name="builtin",        # the --model value; the cache folder is <name>-v<version>
     version=2,             # bump to rebuild every cached base model (and its tokenizer)
-    num_problems=20_000,   # training problems (3 numbers), drawn from the non-held-out half of problem space
+    num_problems=20_000,   # training problems, drawn from the non-held-out part of problem space
+    min_nums=3, max_nums=3,  # numbers per warm-up problem
     steps=600,             # SFT steps (~38k problem presentations: about two epochs)
     batch_size=64,         # problems per step
     learning_rate=3e-3,    # AdamW, cosine decay after 5% warm-up
     seed=1234)             # problem draw and initialisation
+# Two more bases for the experiments (see the README's Results): a weak one that knows the answer format but
+# rarely solves a problem (the paper's small-model regime), and one warmed up on 3-5 numbers (long horizons).
+BASE_RECIPES = {r["name"]: r for r in (
+    BASE_RECIPE,
+    {**BASE_RECIPE, "name": "builtin-weak", "steps": 150},
+    {**BASE_RECIPE, "name": "builtin-mix", "min_nums": 3, "max_nums": 5})}
 
 
 def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
@@ -1465,17 +1599,17 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
     from types import SimpleNamespace
     from tqdm.auto import tqdm
 
-    folder = Path(cache_dir) / f"builtin-v{recipe['version']}" / "base"
+    folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
     if (folder / "config.json").exists():
         return folder
     model, tok = load_model(str(builtin_init(folder.with_name("init"), recipe["seed"])), device="cpu")
-    rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=3, max_nums=3,
-                              heldout=False)
-    args = SimpleNamespace(learning_rate=recipe["learning_rate"], weight_decay=0.01, warmup_ratio=0.05,
-                           lr_scheduler="cosine", T=recipe["steps"], max_grad_norm=1.0,
-                           micro_batch_size=recipe["batch_size"])
-    optimizer, scheduler = make_optimizer(model, args)
-    run = Run(args, model, tok, None, optimizer, scheduler, rows, [], random.Random(0), torch.Generator(), folder)
+    rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=recipe["min_nums"],
+                              max_nums=recipe["max_nums"], heldout=False)
+    args = SimpleNamespace(max_grad_norm=1.0, micro_batch_size=recipe["batch_size"])
+    optimizer, scheduler = make_optimizer(model, recipe["learning_rate"], weight_decay=0.01, warmup_ratio=0.05,
+                                          steps=recipe["steps"], schedule="cosine")
+    run = Run(args=args, model=model, tokenizer=tok, ref=None, optimizer=optimizer, scheduler=scheduler,
+              train_rows=rows, test_rows=[], rng=random.Random(0), generator=torch.Generator(), out=folder)
     bar = tqdm(range(1, recipe["steps"] + 1), desc=f"building the base model (once; cached in {folder})",
                disable=not progress)
     for step in bar:
@@ -1495,28 +1629,32 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def load_rows(args) -> tuple[list[dict], list[dict]]:
-    """(train, test) rows: the built-in countdown split, or --data / --test_data files of the released schema."""
+def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) rows: the built-in countdown split, or --data / --test_data files of the
+    released schema (no validation rows)."""
     if args.data == "countdown":
-        return countdown_split(args.num_train, args.num_test, seed=args.seed, min_nums=args.min_nums,
-                               max_nums=args.max_nums)
+        split = dict(seed=args.seed, min_nums=args.min_nums, max_nums=args.max_nums)
+        train, test = countdown_split(args.num_train, args.num_test, **split)
+        val = countdown_validation(args.num_val, args.num_test, **split) if args.num_val else []
+        return train, val, test
     try:
         rows = load_task_rows(args.data)
         test_rows = load_task_rows(args.test_data) if args.test_data else None
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     if test_rows is not None:
-        return rows[: args.num_train], test_rows[: args.num_test]
+        return rows[: args.num_train], [], test_rows[: args.num_test]
     if len(rows) <= args.num_test:
         raise UserError(f"--data {args.data}: {len(rows)} rows leave nothing to train on after --num_test "
                         f"{args.num_test} held-out rows; lower --num_test or pass --test_data")
-    return rows[args.num_test: args.num_test + args.num_train], rows[: args.num_test]
+    return rows[args.num_test: args.num_test + args.num_train], [], rows[: args.num_test]
 
 
 def add_model_flags(p) -> None:
     """The model-loading flags, shared by uft.py and sft_go.py (they feed `load_model`)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=BUILTIN, help="'builtin', a hub id, or a local folder")
+    g.add_argument("--model", default=BUILTIN,
+                   help="'builtin' (or the experiments' 'builtin-weak', 'builtin-mix'), a hub id, or a local folder")
     g.add_argument("--gguf_file", default=None, help="a .gguf file (in --model's folder, or a full path)")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
@@ -1540,7 +1678,14 @@ def build_parser():
                    help="hint fraction at the start of the cosine decay (released GPU runs: 0.95)")
     g.add_argument("--hint_schedule", default=None, choices=SCHEDULES,
                    help="override the algo's schedule (uft: cosine, r3: uniform, rft: none); staged = ablation")
-    g.add_argument("--sft_steps", type=int, default=None, help="sft-rft: SFT steps before RFT (default T // 2)")
+    g.add_argument("--sft_steps", type=int, default=None,
+                   help="sft-rft: SFT steps before its T RFT steps (default: T, what --algo sft gets)")
+    g.add_argument("--sft_epochs", type=float, default=None,
+                   help="SFT length in passes over the training problems (sets T for sft, --sft_steps for sft-rft)")
+    g.add_argument("--sft_learning_rate", type=float, default=2e-4,
+                   help="SFT's AdamW learning rate (sft, and sft-rft's first phase; released GPU runs: 1e-5)")
+    g.add_argument("--sft_warmup_ratio", type=float, default=0.0,
+                   help="fraction of the SFT steps spent warming up (released GPU runs: 0.1)")
     g = p.add_argument_group("objective")
     g.add_argument("--num_generations", type=int, default=4, help="G: rollouts per prompt (one group)")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range")
@@ -1570,8 +1715,11 @@ def build_parser():
     g.add_argument("--test_data", default=None, help="held-out file (default: the first num_test rows of --data)")
     g.add_argument("--num_train", type=int, default=5000, help="training problems")
     g.add_argument("--num_test", type=int, default=500, help="held-out problems for evaluation")
-    g.add_argument("--min_nums", type=int, default=3, help="built-in countdown: fewest numbers per problem")
-    g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem")
+    g.add_argument("--num_val", type=int, default=0,
+                   help="built-in countdown: validation problems (disjoint from the held-out ones) to choose "
+                        "settings on; evaluated beside them as val_*")
+    g.add_argument("--min_nums", type=int, default=3, help="built-in countdown: fewest numbers per problem (3-6)")
+    g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem (3-6)")
     add_model_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=None, help="run folder (default runs/<algo>-<time>)")
@@ -1600,14 +1748,24 @@ def check_args(p, args) -> None:
         p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size {args.mini_batch_size}")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         p.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
-    if min(args.beta, args.entropy_coef, args.sft_loss_coef, args.epsilon) < 0 or args.learning_rate <= 0:
-        p.error("--beta, --entropy_coef, --sft_loss_coef, --epsilon must be >= 0 and --learning_rate > 0")
-    if not 3 <= args.min_nums <= args.max_nums <= 4:
-        p.error(f"need 3 <= --min_nums <= --max_nums <= 4 (got {args.min_nums}, {args.max_nums})")
+    if min(args.beta, args.entropy_coef, args.sft_loss_coef, args.epsilon, args.sft_warmup_ratio) < 0 or \
+            min(args.learning_rate, args.sft_learning_rate) <= 0:
+        p.error("--beta, --entropy_coef, --sft_loss_coef, --epsilon, --sft_warmup_ratio must be >= 0 and "
+                "--learning_rate, --sft_learning_rate > 0")
+    if not 3 <= args.min_nums <= args.max_nums <= 6:
+        p.error(f"need 3 <= --min_nums <= --max_nums <= 6 (got {args.min_nums}, {args.max_nums})")
+    if args.sft_epochs is not None:
+        if args.sft_epochs <= 0:
+            p.error(f"--sft_epochs must be positive (got {args.sft_epochs})")
+        steps = math.ceil(args.sft_epochs * args.num_train / args.batch_size)
+        args.T, args.sft_steps = (steps, args.sft_steps) if args.algo == "sft" else (args.T, steps)
+        args.sft_epochs = None               # applied: a resumed run must not apply it again
     if args.sft_steps is None:
-        args.sft_steps = args.T // 2
-    if args.algo == "sft-rft" and not 0 < args.sft_steps < args.T:
-        p.error(f"--sft_steps must be in 1..T-1 for sft-rft (got {args.sft_steps})")
+        args.sft_steps = args.T
+    if args.algo == "sft-rft" and args.sft_steps <= 0:
+        p.error(f"--sft_steps must be positive for sft-rft (got {args.sft_steps})")
+    if args.num_val < 0 or (args.num_val and args.data != "countdown"):
+        p.error("--num_val must be >= 0, and is for the built-in countdown only")
     if args.data != "countdown" and not Path(args.data).is_file():
         p.error(f"--data {args.data!r}: not 'countdown' and no such file")
 
@@ -1653,8 +1811,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     minutes = (time.time() - start) / 60
+    c = result["comparison"]
+    verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
+               "not distinguishable from no change on this many problems")
     print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> {result['final_accuracy']:.3f} "
-          f"after {args.T} steps, {minutes:.1f} min. Run folder: {result['output_dir']} (plot.png, metrics.jsonl)")
+          f"after {total_steps(args)} steps, {minutes:.1f} min. Run folder: {result['output_dir']}\n"
+          f"change {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to {c['high']:+.3f} over {c['n']} held-out "
+          f"problems ({c['wins']} gained, {c['losses']} lost): {verdict}")
     return 0
 
 

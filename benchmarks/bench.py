@@ -463,22 +463,23 @@ def uft_run(builtin_dir: str, out: Path, extra: list[str]):
     args = uft.build_parser().parse_args(["--algo", "uft", "--model", builtin_dir, "--device", "cpu",
                                           "--output_dir", str(out), "--num_train", "512", "--num_test", "8", *extra])
     model, tok = uft.load_model(args.model, dtype=args.dtype, device=args.device)
-    train_rows, test_rows = uft.load_rows(args)
+    train_rows, _, test_rows = uft.load_rows(args)
     ref = uft.frozen_copy(model) if args.beta > 0 else None
-    optimizer, scheduler = uft.make_optimizer(model, args)
+    optimizer, scheduler = uft.optimizer_for(args, model, "rl")
     out.mkdir(parents=True, exist_ok=True)
-    return uft.Run(args, model, tok, ref, optimizer, scheduler, train_rows, test_rows,
-                   random.Random(args.seed), torch.Generator().manual_seed(args.seed), out)
+    return uft.Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
+                   train_rows=train_rows, test_rows=test_rows, rng=random.Random(args.seed),
+                   generator=torch.Generator().manual_seed(args.seed), out=out)
 
 
 def trl_trainer(builtin_dir: str, args, rows: list[dict], out: Path, callbacks: list):
     """GRPOTrainer with uft's settings: same prompts (in order), G, completion length, beta, clip, entropy bonus,
-    and the very same optimizer and schedule (uft.make_optimizer); fp32, no gradient checkpointing (uft uses none)."""
+    and the very same optimizer and schedule (uft.optimizer_for); fp32, no gradient checkpointing (uft uses none)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     model, tok = uft.load_model(builtin_dir, dtype=args.dtype, device="cpu")
-    optimizer, scheduler = uft.make_optimizer(model, args)
+    optimizer, scheduler = uft.optimizer_for(args, model, "rl")
 
     def countdown(prompts, completions, nums, target, **_):
         return [uft.countdown_reward(p + c, n, t) for p, c, n, t in zip(prompts, completions, nums, target)]
@@ -573,7 +574,7 @@ def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dic
     bound = trl_s / rest
     say("", f"Built-in model, {a.batch_size} prompts x G={a.num_generations}, max_completion_length="
             f"{a.max_completion_length}, beta={a.beta}, epsilon={a.epsilon}, entropy_coef={a.entropy_coef}, "
-            f"lr={a.learning_rate}; the same optimizer (torch AdamW + LambdaLR from uft.make_optimizer, handed to "
+            f"lr={a.learning_rate}; the same optimizer (torch AdamW + LambdaLR from uft.optimizer_for, handed to "
             "GRPOTrainer(optimizers=...)); TRL loss_type='dapo' (token mean, as uft), no gradient checkpointing; fp32. "
             "'no hint' runs UFT steps after T_hint, whose prompts are the same questions TRL gets, in the same order; "
             f"'hinted' runs early UFT steps (hint fraction {uft.hint_fraction(1, a.T_hint, a.p_low, a.p_high):.2f} "

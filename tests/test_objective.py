@@ -102,7 +102,7 @@ def test_token_entropy_matches_definition():
 
 def test_hint_nll_of_no_tokens_is_zero_not_nan():
     logp = torch.randn(2, 3, requires_grad=True)
-    loss = uft.hint_nll(logp, torch.zeros(2, 3, dtype=torch.bool))
+    loss = uft.masked_nll(logp, torch.zeros(2, 3, dtype=torch.bool))
     assert loss.item() == 0 and not torch.isnan(loss)
     loss.backward()
 
@@ -122,7 +122,7 @@ def test_each_term_touches_only_its_tokens(tokenizer, llama):
     assert hint_logp.shape == (3, 2) and logp.shape == (3, 3)
     hint_logp.retain_grad(), logp.retain_grad()
     n_resp, n_hint = int(batch.target_mask.sum()), int(batch.hint_mask.sum())
-    uft.hint_nll(hint_logp, batch.hint_mask, n_hint).backward(retain_graph=True)
+    uft.masked_nll(hint_logp, batch.hint_mask, n_hint).backward(retain_graph=True)
     assert ((hint_logp.grad != 0) == batch.hint_mask).all() and untouched(logp)
     hint_logp.grad = logp.grad = None
     ref = logp.detach() - 0.1

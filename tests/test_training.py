@@ -8,7 +8,7 @@ import torch
 import uft
 from conftest import make_llama
 
-TIMING = ("step_seconds", "rollout_tokens_per_s")
+TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,14 @@ def test_every_algo_trains_and_writes_a_complete_run_folder(tiny_dir, tmp_path, 
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
     assert sum(changed) > len(changed) // 2
     metrics = uft.read_jsonl(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
+    steps = 6 if algo == "sft-rft" else 4          # sft-rft: 2 SFT steps, then as many RL steps as rft (T = 4)
+    assert [m["step"] for m in metrics] == list(range(steps + 1))
     assert "eval_accuracy" in metrics[0] and "eval_accuracy" in metrics[-1]
     phases = [m["phase"] for m in metrics[1:]]
-    assert phases == {"sft": ["sft"] * 4, "sft-rft": ["sft", "sft", "rl", "rl"]}.get(algo, ["rl"] * 4)
+    assert phases == {"sft": ["sft"] * 4, "sft-rft": ["sft", "sft"] + ["rl"] * 4}.get(algo, ["rl"] * 4)
+    assert [m["optimizer_steps"] for m in metrics[1:]] == sorted(m["optimizer_steps"] for m in metrics[1:])
+    assert metrics[-1]["problems_seen"] == 2 * steps
+    assert (metrics[-1]["tokens_generated"] > 0) == (algo != "sft")
     if algo != "sft":
         rl = [m for m in metrics[1:] if m["phase"] == "rl"]
         for key in ("reward_mean", "reward_std", "zero_std_groups", "hint_fraction", "response_length",

@@ -1,0 +1,327 @@
+"""Grids of `uft.py` runs that test the UFT paper's claims at CPU scale, with seeds.
+
+    python experiments/reproduce.py strong --jobs 2     # the five algorithms from the strong built-in base
+    python experiments/reproduce.py weak --jobs 2       # ... from a base that knows the format, solves ~nothing
+    python experiments/reproduce.py ablation            # hint schedules and the hint-NLL coefficient
+    python experiments/reproduce.py horizon             # 3-5 numbers (2-4 arithmetic steps) at equal budget
+    python experiments/reproduce.py --list              # every grid, its cells and their flags
+    python experiments/reproduce.py quick               # a tiny grid (CI, under a minute)
+
+Each run is `python uft.py <cell flags> --seed S --output_dir experiments/runs/<grid>/<cell>/seed<S>`, one
+thread per process, `--jobs` processes side by side. A finished run (done.json) is skipped and an unfinished
+one resumes from its checkpoint, so a killed sweep picks up where it stopped. The report
+`experiments/results/<grid>.md` (tables: mean +- std over seeds, paired comparisons of UFT against each
+baseline) and `<grid>.png` (curves, mean +- std bands) are rewritten from whatever runs are finished.
+Settings are compared on the validation problems (val_*), never on the reported held-out ones (eval_*).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import uft  # noqa: E402
+
+RUNS, RESULTS = ROOT / "experiments" / "runs", ROOT / "experiments" / "results"
+SEEDS = (0, 1, 2)
+ALGOS = ("sft", "rft", "sft-rft", "r3", "uft")
+KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
+
+# Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
+COMMON = ["--num_val", "200", "--save_steps", "25"]
+GRIDS = {
+    "strong": {"about": "the five algorithms from the built-in base (600 warm-up steps on 3-number problems)",
+               "flags": ["--model", "builtin"],
+               "cells": {algo: ["--algo", algo] for algo in ALGOS}},
+    "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, few solutions",
+             "flags": ["--model", "builtin-weak"],
+             "cells": {algo: ["--algo", algo] for algo in ALGOS}},
+    "ablation": {"about": "UFT from builtin-weak: hint schedule (paper Fig. 4) and hint-NLL coefficient (Fig. 5)",
+                 "flags": ["--model", "builtin-weak", "--algo", "uft"],
+                 "cells": {"cosine": [], "staged": ["--hint_schedule", "staged"],
+                           "uniform": ["--hint_schedule", "uniform"],
+                           "nll-0": ["--sft_loss_coef", "0"], "nll-0.001": ["--sft_loss_coef", "0.001"],
+                           "nll-0.05": ["--sft_loss_coef", "0.05"]}},
+    "horizon": {"about": "3, 4, 5 numbers (2-4 arithmetic steps) from builtin-mix (warm-up on 3-5 numbers), "
+                         "100 steps, 200 held-out problems",
+                "flags": ["--model", "builtin-mix", "--T", "100", "--T_hint", "34", "--num_test", "200",
+                          "--max_completion_length", "112", "--eval_steps", "50"],
+                "cells": {f"{algo}-{n}": ["--algo", algo, "--min_nums", str(n), "--max_nums", str(n)]
+                          for n in (3, 4, 5) for algo in ("sft", "rft", "uft")}},
+    "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
+              "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
+                        "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
+                        "--max_completion_length", "4", "--eval_steps", "1", "--save_steps", "1", "--device", "cpu"],
+              "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}, "seeds": (0, 1)},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------
+
+def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tuple[list[str], Path]:
+    g = GRIDS[grid]
+    out = RUNS / grid / cell / f"seed{seed}"
+    flags = [*COMMON, *g["flags"], *model_flags, *g["cells"][cell], "--seed", str(seed), "--output_dir", str(out)]
+    return [sys.executable, str(ROOT / "uft.py"), *flags], out
+
+
+def run_one(cmd: list[str], out: Path) -> str:
+    """Run (or resume) one training run in its own single-thread process; done.json marks it finished."""
+    if (out / "done.json").exists():
+        return f"skip {out}"
+    if (out / "checkpoint" / "trainer_state.pt").exists():
+        cmd = [sys.executable, str(ROOT / "uft.py"), "--resume", str(out)]
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    start = time.time()
+    with open(out / "log.txt", "a") as log:
+        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        return f"FAILED ({code}) {out}: see {out / 'log.txt'}"
+    done = {"command": " ".join(Path(c).name if c == sys.executable else c for c in cmd),
+            "seconds": time.time() - start, **machine()}
+    (out / "done.json").write_text(json.dumps(done, indent=2))
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)   # 5-15 MB each; the metrics are what is kept
+    return f"done {out} in {done['seconds'] / 60:.1f} min"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    import torch
+    import transformers
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads_per_process": 1, "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": commit.stdout.strip() or "unknown"}
+
+
+def tiny_model(folder: Path) -> Path:
+    """A 2-layer random Llama with a countdown tokenizer (the quick grid's model: no base to build)."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import LlamaForCausalLM
+    rows = uft.generate_countdown(200, seed=3, min_nums=3, max_nums=3)
+    tok = uft.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
+    torch.manual_seed(0)
+    cfg = uft.tiny_llama_config(len(tok), tok.pad_token_id, tok.eos_token_id, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    uft.save_atomically(save, folder)
+    return folder
+
+
+def sweep(grid: str, jobs: int, seeds) -> None:
+    g = GRIDS[grid]
+    model_flags = ["--model", str(tiny_model(RUNS / grid / "tiny-model"))] if grid == "quick" else []
+    if grid != "quick":     # build the grid's base model once, before the runs compete for it
+        name = g["flags"][g["flags"].index("--model") + 1]
+        uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
+    todo = [run_command(grid, cell, seed, model_flags) for seed in seeds for cell in g["cells"]]
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for message in pool.map(lambda job: run_one(*job), todo):
+            print(message, flush=True)
+    report(grid, seeds, elapsed=time.time() - start, jobs=jobs, argv=sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------
+
+def load_run(out: Path) -> dict | None:
+    if not (out / "done.json").exists():
+        return None
+    metrics = uft.read_jsonl(out / "metrics.jsonl")
+    rewards = uft.read_jsonl(out / "eval_rewards.jsonl")
+    train = [m for m in metrics if m.get("phase") == "rl"]
+    evals = [m for m in metrics if "eval_accuracy" in m]
+    return {"metrics": metrics, "evals": evals, "done": json.loads((out / "done.json").read_text()),
+            "test_rewards": [r["rewards"] for r in rewards if r["split"] == "eval"],
+            "solved": statistics.mean(m["solved_groups"] for m in train) if train else None,
+            "zero_std": statistics.mean(m["zero_std_groups"] for m in train) if train else None}
+
+
+def mean_std(xs: list[float], digits: int = 3) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
+
+
+def pooled_comparison(baseline: list[dict], ours: list[dict]) -> dict | None:
+    """Paired per-problem comparison of two cells, seed by seed (a seed fixes the held-out problems), pooled."""
+    before, after = [], []
+    for b, o in zip(baseline, ours):
+        if b and o:
+            before += b["test_rewards"][-1]
+            after += o["test_rewards"][-1]
+    return uft.paired_comparison(before, after) if before else None
+
+
+def cell_table(grid: str, runs: dict) -> list[str]:
+    lines = ["| cell | seeds | base (held-out) | final held-out accuracy | final validation accuracy | "
+             "groups with a correct rollout | zero-variance groups | optimizer steps | problems | "
+             "tokens generated | minutes/run |", "|" + "---|" * 11]
+    for cell, seeds in runs.items():
+        done = [r for r in seeds if r]
+        if not done:
+            continue
+        last = [r["evals"][-1] for r in done]
+        budget = done[0]["metrics"][-1]
+        lines.append(
+            f"| {cell} | {len(done)} | {mean_std([r['evals'][0]['eval_accuracy'] for r in done])} | "
+            f"**{mean_std([e['eval_accuracy'] for e in last])}** | "
+            f"{mean_std([e.get('val_accuracy') for e in last])} | {mean_std([r['solved'] for r in done], 2)} | "
+            f"{mean_std([r['zero_std'] for r in done], 2)} | {budget['optimizer_steps']} | "
+            f"{budget['problems_seen']:,} | {budget['tokens_generated']:,} | "
+            f"{statistics.mean(r['done']['seconds'] for r in done) / 60:.1f} |")
+    return lines
+
+
+def comparison_table(runs: dict, ours: str, baselines: list[str]) -> list[str]:
+    lines = [f"| {ours} vs | problems | accuracy change (95% interval) | {ours} better / worse | McNemar p |",
+             "|---|---|---|---|---|"]
+    for base in baselines:
+        c = pooled_comparison(runs.get(base, []), runs.get(ours, []))
+        if c:
+            lines.append(f"| {base} | {c['n']} | {c['gain']:+.3f} ({c['low']:+.3f} to {c['high']:+.3f}) | "
+                         f"{c['wins']} / {c['losses']} | {c['p_mcnemar']:.3g} |")
+    return lines
+
+
+def comparisons(grid: str, runs: dict) -> list[str]:
+    if grid in ("strong", "weak"):
+        return comparison_table(runs, "uft", [a for a in ALGOS if a != "uft"])
+    if grid == "ablation":
+        return comparison_table(runs, "cosine", [c for c in runs if c != "cosine"])
+    if grid == "horizon":
+        out = []
+        for n in (3, 4, 5):
+            out += comparison_table({k.rsplit("-", 1)[0]: v for k, v in runs.items() if k.endswith(f"-{n}")},
+                                    "uft", ["sft", "rft"])[(0 if not out else 2):]
+        return out
+    return comparison_table(runs, "uft", ["rft"])
+
+
+def plot(grid: str, runs: dict) -> Path:
+    from matplotlib.figure import Figure
+
+    keys = [("eval_accuracy", "held-out accuracy (greedy, no hint)"),
+            ("solved_groups", "groups with a correct rollout (training)")]
+    fig = Figure(figsize=(12, 3.8))
+    axes = fig.subplots(1, len(keys))
+    for ax, (key, title) in zip(axes, keys):
+        for cell, seeds in runs.items():
+            done = [r for r in seeds if r]
+            series = [[(m["step"], m[key]) for m in r["metrics"] if key in m] for r in done]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            width = min(len(s) for s in series)
+            steps = [t for t, _ in series[0][:width]]
+            window = 1 if key.startswith("eval") else 10     # training quantities are noisy: moving average
+            values = [[statistics.mean(v for _, v in s[max(0, i - window + 1): i + 1]) for i in range(width)]
+                      for s in series]
+            mean = [statistics.mean(col) for col in zip(*values)]
+            sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*values)]
+            line, = ax.plot(steps, mean, label=f"{cell} ({len(series)})")
+            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{grid}: mean ± std over seeds")
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"{grid}.png", dpi=90)
+    return RESULTS / f"{grid}.png"
+
+
+def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Path:
+    g = GRIDS[grid]
+    runs = {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in g["cells"]}
+    finished = [r for seeds_ in runs.values() for r in seeds_ if r]
+    info = finished[0]["done"] if finished else machine()
+    total = sum(r["done"]["seconds"] for r in finished)
+    lines = [f"# Grid `{grid}`: {g['about']}", "",
+             f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: `python uft.py "
+             f"{' '.join(COMMON + g['flags'])} <cell flags> --seed S`)", "",
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, {jobs} run(s) at a "
+             f"time; torch {info['torch']}, transformers {info['transformers']}; commit {info['commit']}.",
+             f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} (seeds {', '.join(map(str, seeds))});"
+             f" run time {total / 60:.1f} min summed over runs, {elapsed / 60:.1f} min of wall time in the last "
+             "invocation.", "",
+             "Cells (flags on top of the grid's):", ""]
+    lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
+    lines += ["", "## Final accuracy and budget (mean ± std over seeds)", "",
+              "Held-out accuracy is reported; validation accuracy is the one to choose settings on. "
+              "'Groups with a correct rollout' and 'zero-variance groups' are averaged over the RL steps.", ""]
+    lines += cell_table(grid, runs)
+    lines += ["", "## Paired comparisons on the same held-out problems (pooled over seeds)", ""]
+    lines += comparisons(grid, runs)
+    lines += ["", f"![{grid}]({grid}.png)", ""]
+    plot(grid, runs)
+    path = RESULTS / f"{grid}.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("grid", nargs="?", choices=list(GRIDS), help="which grid to run")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0,1)")
+    p.add_argument("--report", action="store_true", help="only rewrite the report from finished runs")
+    p.add_argument("--list", action="store_true", help="print the grids and exit")
+    p.add_argument("--out", default=None, help="folder for runs/ and results/ (default: experiments/)")
+    args = p.parse_args(argv)
+    global RUNS, RESULTS
+    if args.out:
+        RUNS, RESULTS = Path(args.out).resolve() / "runs", Path(args.out).resolve() / "results"
+    if args.list or not args.grid:
+        for name, g in GRIDS.items():
+            print(f"{name}: {g['about']}\n  shared: {' '.join(COMMON + g['flags'])}")
+            for cell, flags in g["cells"].items():
+                print(f"  {cell}: {' '.join(flags)}")
+        return 0
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1 (got {args.jobs})")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else GRIDS[args.grid].get("seeds", SEEDS)
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    if args.report:
+        print(report(args.grid, seeds, argv=sys.argv[1:] if argv is None else argv))
+    else:
+        sweep(args.grid, args.jobs, seeds)
+        print(RESULTS / f"{args.grid}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
