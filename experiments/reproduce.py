@@ -38,7 +38,7 @@ ALGOS = ("sft", "rft", "sft-rft", "r3", "uft")
 KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
-COMMON = ["--num_val", "200", "--save_steps", "25"]
+COMMON = ["--num_val", "200", "--eval_steps", "50", "--save_steps", "25"]
 GRIDS = {
     "strong": {"about": "the five algorithms from the built-in base (600 warm-up steps on 3-number problems)",
                "flags": ["--model", "builtin"],
