@@ -7,14 +7,15 @@ easy ones. SFT-GO splits each response into an *important* and an *unimportant* 
 
 This file holds the token-importance scores (TF-IDF, excess loss, a token classifier, random), the top-eta
 grouping, the worst-group loss (hard max or online Group-DRO weights), the lambda schedules, the Rho-1 and
-plain-CE baselines, and a trainer that writes a run folder. The method reference is
-shared/spec/sft_go.md; model loading, batches, scoring and countdown come from uft.py.
+plain-CE baselines, and a trainer that writes a run folder. The method is documented in docs/method.md
+(Part II). Model loading, batches, scoring and the plain SFT step come from uft.py; data order,
+micro-batches and the optimizer from common.py; countdown and its answer pieces from tasks.py.
 
 Run:
     python sft_go.py            # CPU, ~5-10 min: plain SFT, then SFT-GO (TF-IDF), same seed and budget,
-                                # on the built-in model and countdown; prints accuracy and per-group losses
+                                # on the built-in model and countdown; prints accuracy, per-group losses
     python sft_go.py --loss go --grouping excess          # excess-loss groups (builds a cached reference)
-    python sft_go.py --loss ce,go,rho1 --grouping random  # the random-group control and the Rho-1 baseline
+    python sft_go.py --loss ce,go,rho1 --grouping random  # the random-group control and Rho-1
     python sft_go.py --model meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16 \\
         --data alpaca.jsonl --loss ce,go --grouping classifier \\
         --classifier microsoft/llmlingua-2-xlm-roberta-large-meetingbank \\
@@ -40,20 +41,19 @@ from pathlib import Path
 import torch
 
 import uft
-from uft import (DEFAULT_CACHE, Batch, UserError, append_jsonl, load_model, make_batch,
-                 make_optimizer, micro_batches, optimizer_step, read_jsonl, rows_for_step, save_atomically, score,
-                 widen)
+from common import (UserError, add_flags, append_jsonl, backward, make_optimizer, micro_batches,
+                    optimizer_step, read_jsonl, rows_for_step, save_atomically, widen)
+from tasks import answer_pieces, countdown_split
+from uft import DEFAULT_CACHE, Batch, load_model, make_batch, score, sft_update
 
-UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding get -1
+UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding: -1
 LOSSES = ("ce", "go", "rho1")
 GROUPINGS = ("tfidf", "excess", "classifier", "random")
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exp")
 EXP_DECAY_RATE = 5.0    # 'exp' schedule: lam0 * exp(-5 t / T), i.e. lam is 0.7% of lam0 at the end
 WORD = re.compile(r"\w+|[^\w\s]")   # a word: a run of letters/digits/_ or one punctuation mark
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: rows {prompt, response} from built-in countdown, JSONL/JSON/parquet, Alpaca records
-# ----------------------------------------------------------------------------------------------------------
+# --- Data: rows {prompt, response} from built-in countdown, JSONL/JSON/parquet, Alpaca records ----
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 RESPONSE_KEYS = ("response", "answer", "output", "completion")
@@ -89,17 +89,17 @@ def load_sft_rows(path: str) -> list[dict]:
         records = read_jsonl(p)
     rows = [as_sft_row(r) for r in records]
     if not records or any(r is None for r in rows):
-        found = sorted(records[0].keys()) if records else []
-        raise UserError(f"{path}: no response text (need one of the columns {', '.join(RESPONSE_KEYS)} with "
-                        f"non-empty strings); columns found: {', '.join(found) or 'none (empty file)'}")
+        found = ", ".join(sorted(records[0].keys())) if records else ""
+        raise UserError(f"{path}: no response text (need one of the columns {', '.join(RESPONSE_KEYS)} "
+                        f"with non-empty strings); columns found: {found or 'none (empty file)'}")
     return rows
 
 
 def load_rows(args) -> tuple[list[dict], list[dict]]:
     """(train, test) rows: the built-in countdown split, or --data (and --test_data) files."""
     if args.data == "countdown":
-        train, test = uft.countdown_split(args.num_train, args.num_test, seed=args.seed, min_nums=args.min_nums,
-                                          max_nums=args.max_nums)
+        train, test = countdown_split(args.num_train, args.num_test, seed=args.seed,
+                                      min_nums=args.min_nums, max_nums=args.max_nums)
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     rows = load_sft_rows(args.data)
     if args.test_data:
@@ -107,11 +107,6 @@ def load_rows(args) -> tuple[list[dict], list[dict]]:
     if len(rows) <= args.num_test:
         raise UserError(f"--data {args.data}: {len(rows)} rows, need more than --num_test {args.num_test}")
     return rows[args.num_test: args.num_test + args.num_train], rows[: args.num_test]
-
-
-def is_countdown(rows: list[dict]) -> bool:
-    """Countdown rows can be scored by greedy generation and the countdown reward."""
-    return all({"question", "nums", "target"} <= r.keys() for r in rows)
 
 
 @dataclasses.dataclass
@@ -122,27 +117,18 @@ class Encoded:
     offsets: list[list[tuple[int, int]]]   # character span of each response token in the response text
 
 
-def response_pieces(row: dict) -> list[str]:
-    """The pieces a response is tokenised in: countdown answers fragment by fragment, as uft.answer_token_ids
-    does (so SFT-GO trains on the token boundaries the built-in model was trained on), anything else whole.
-
-    >>> response_pieces({"response": "1 + 2 = 3\\nSo 3 </think>", "hint": ["1 + 2 = 3\\n", "So 3"]})
-    ['1 + 2 = 3\\n', 'So 3', ' </think>']
-    """
-    hint = row.get("hint")
-    if isinstance(hint, list) and hint and row["response"].startswith("".join(hint)):
-        return hint + [row["response"][len("".join(hint)):]]
-    return [row["response"]]
-
-
-def encode_rows(tokenizer, rows: list[dict], max_prompt: int, max_response: int, offsets: bool = True) -> Encoded:
+def encode_rows(tokenizer, rows: list[dict], max_prompt: int, max_response: int,
+                offsets: bool = True) -> Encoded:
     """Prompt and response tokenised separately (as the sampler sees them); long prompts keep their end.
 
-    offsets=False skips the character offsets (slow tokenizers have none; only word-level scores need them).
+    A response is tokenised piece by piece (`tasks.answer_pieces`: countdown answers hint fragment by
+    fragment, as uft's SFT does, so SFT-GO trains on the built-in model's token boundaries).
+    offsets=False skips the character offsets (slow tokenizers have none; only word scores need them).
     """
     prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    pieces = [response_pieces(r) for r in rows]
-    enc = tokenizer([p for ps in pieces for p in ps], add_special_tokens=False, return_offsets_mapping=offsets)
+    pieces = [answer_pieces(r, key="response") for r in rows]
+    enc = tokenizer([p for ps in pieces for p in ps], add_special_tokens=False,
+                    return_offsets_mapping=offsets)
     responses, spans, k = [], [], 0
     for ps in pieces:
         ids, offs, start = [], [], 0
@@ -160,13 +146,12 @@ def check_offsets(tokenizer, what: str) -> None:
     try:
         tokenizer("a b", add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, ValueError, TypeError):
-        raise UserError(f"{what}: its tokenizer gives no offsets mapping (not a fast tokenizer), so its tokens "
-                        "cannot be aligned with words; use a model that ships a tokenizer.json") from None
+        raise UserError(f"{what}: its tokenizer gives no offsets mapping (not a fast tokenizer), so its "
+                        "tokens cannot be aligned with words; use a model that ships a tokenizer.json"
+                        ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Token importance (spec section 2): a score per response token; higher = more important
-# ----------------------------------------------------------------------------------------------------------
+# --- Token importance (docs/method.md section 11): a score per response token, higher = important
 
 def smooth_idf(docs: list[list]) -> tuple[dict, float]:
     """idf(t) = ln((1 + n) / (1 + df(t))) + 1 over n documents, and the idf of an unseen term (df = 0).
@@ -181,7 +166,7 @@ def smooth_idf(docs: list[list]) -> tuple[dict, float]:
 
 
 def tfidf_scores(docs: list[list], idf_docs: list[list] | None = None) -> list[list[float]]:
-    """tf-idf of every term occurrence: tf = count of the term in its document, idf from `idf_docs` (default docs).
+    """tf-idf of every term occurrence: tf = the term's count in its document, idf from idf_docs or docs.
 
     Terms are token ids (`--tfidf_unit token`) or lower-cased words (`word`). Computed once, before training.
     >>> tfidf_scores([["a", "b", "a"], ["b"]])   # idf(a) = ln(3/2) + 1, idf(b) = 1
@@ -208,7 +193,7 @@ def spans_to_tokens(spans: list[tuple[int, int]], span_scores: list[float],
                     token_offsets: list[tuple[int, int]], empty: float = 0.0) -> list[float]:
     """Each token gets the max score of the spans its characters overlap; `empty` if it overlaps none.
 
-    A token like 'Ġ+' (offsets (2, 4) in "12 + 7") overlaps the word '+'; a bare space or EOS overlaps none.
+    A token like 'Ġ+' (offsets (2, 4) in "12 + 7") overlaps the word '+'; a bare space or EOS none.
     >>> spans_to_tokens([(0, 2), (3, 4)], [0.2, 0.9], [(0, 1), (1, 2), (2, 4), (4, 5)])
     [0.2, 0.2, 0.9, 0.0]
     """
@@ -224,14 +209,15 @@ def word_tfidf_scores(texts: list[str], offsets: list[list[tuple[int, int]]],
     """`--tfidf_unit word`: tf-idf of lower-cased words, moved onto the tokens that overlap each word."""
     spans = [word_spans(t) for t in texts]
     words = [[t[a:b].lower() for a, b in s] for t, s in zip(texts, spans)]
-    idf_words = None if idf_texts is None else [[t[a:b].lower() for a, b in word_spans(t)] for t in idf_texts]
+    idf_words = None if idf_texts is None else [[t[a:b].lower() for a, b in word_spans(t)]
+                                                for t in idf_texts]
     scores = tfidf_scores(words, idf_words)
     return [spans_to_tokens(s, w, o) for s, w, o in zip(spans, scores, offsets)]
 
 
 def subwords_to_words(spans: list[tuple[int, int]], subword_offsets: list[tuple[int, int]],
                       subword_scores: list[float]) -> list[float]:
-    """Mean score of the classifier sub-words overlapping each word (0 for a word cut off by truncation).
+    """Mean score of the classifier sub-words overlapping each word (0 for a word cut by truncation).
 
     >>> subwords_to_words([(0, 4), (5, 7)], [(0, 2), (2, 4), (5, 7)], [0.2, 0.6, 0.9])
     [0.4, 0.9]
@@ -246,19 +232,19 @@ def subwords_to_words(spans: list[tuple[int, int]], subword_offsets: list[tuple[
 @torch.no_grad()
 def classifier_scores(classifier, cls_tokenizer, texts: list[str], offsets: list[list[tuple[int, int]]],
                       label: int = 1, batch_size: int = 32) -> list[list[float]]:
-    """LLMLingua-2-style scores: P(label = keep) per classifier sub-word, averaged per word, max per LLM token."""
+    """LLMLingua-2-style scores: P(label = keep) per classifier sub-word, mean per word, max per token."""
     classifier.eval()
     limit = min(cls_tokenizer.model_max_length, getattr(classifier.config, "max_position_embeddings", 512))
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start: start + batch_size]
-        enc = cls_tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=limit, padding=True,
-                            return_tensors="pt")
+        enc = cls_tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=limit,
+                            padding=True, return_tensors="pt")
         sub_offsets = enc.pop("offset_mapping").tolist()                          # (b, S, 2)
         enc = {k: v.to(classifier.device) for k, v in enc.items()}
         keep = classifier(**enc).logits.float().softmax(-1)[..., label].cpu()     # (b, S)
         for row, text in enumerate(chunk):
-            real = [(i, tuple(o)) for i, o in enumerate(sub_offsets[row]) if o[1] > o[0]]  # drops CLS/SEP/pad
+            real = [(i, tuple(o)) for i, o in enumerate(sub_offsets[row]) if o[1] > o[0]]  # no CLS/SEP/pad
             spans = word_spans(text)
             words = subwords_to_words(spans, [o for _, o in real], [float(keep[row, i]) for i, _ in real])
             out.append(spans_to_tokens(spans, words, offsets[start + row]))
@@ -272,8 +258,8 @@ def random_scores(lengths: list[int], seed: int) -> list[list[float]]:
 
 
 def excess_loss_scores(token_losses: torch.Tensor, ref_losses: torch.Tensor) -> torch.Tensor:
-    """Rho-1's score: current loss minus the reference's, detached (a token the reference already knows but the
-    model does not is learnable and matters). (B, L), (B, L) -> (B, L)."""
+    """Rho-1's score: current loss minus the reference's, detached (a token the reference already knows
+    but the model does not is learnable and matters). (B, L), (B, L) -> (B, L)."""
     return token_losses.detach() - ref_losses
 
 
@@ -296,10 +282,11 @@ def important_count(n: torch.Tensor, eta: float) -> torch.Tensor:
     return torch.where(n >= 2, k.clamp(min=1).minimum(n - 1), k)
 
 
-def top_eta_groups(scores: torch.Tensor, mask: torch.Tensor, eta: float = 0.3, per: str = "sample") -> torch.Tensor:
-    """Group ids (B, L): 1 for the top eta fraction of each sample's supervised tokens by score, 0 for the rest,
-    -1 where mask is False (prompt, padding). Ties go to the earlier position. per="batch" ranks all the
-    batch's tokens together (Rho-1's selection; ties then go to the earlier row).
+def top_eta_groups(scores: torch.Tensor, mask: torch.Tensor, eta: float = 0.3,
+                   per: str = "sample") -> torch.Tensor:
+    """Group ids (B, L): 1 for the top eta fraction of each sample's supervised tokens by score, 0 for the
+    rest, -1 where mask is False (prompt, padding). Ties go to the earlier position. per="batch" ranks all
+    the batch's tokens together (Rho-1's selection; ties then go to the earlier row).
 
     >>> top_eta_groups(torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.0]]), torch.tensor([[1, 1, 1, 1, 0]]).bool(), 0.5)
     tensor([[ 0,  1,  1,  0, -1]])
@@ -307,24 +294,22 @@ def top_eta_groups(scores: torch.Tensor, mask: torch.Tensor, eta: float = 0.3, p
     if per == "batch":
         return top_eta_groups(scores.reshape(1, -1), mask.reshape(1, -1), eta).view_as(mask)
     ranked = scores.float().masked_fill(~mask, float("-inf"))                 # (B, L)
-    order = ranked.argsort(dim=-1, descending=True, stable=True)              # stable: earlier first on ties
+    order = ranked.argsort(dim=-1, descending=True, stable=True)              # ties: earlier first
     rank = order.argsort(dim=-1)                                              # (B, L) 0 = most important
     k = important_count(mask.sum(-1), eta)                                    # (B,)
     groups = (rank < k[:, None]).long()
     return groups.masked_fill(~mask, UNSUPERVISED)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loss (spec section 1): per-token losses first, reductions second
-# ----------------------------------------------------------------------------------------------------------
+# --- The loss (docs/method.md section 9): per-token losses first, reductions second ---------------
 
 def token_nll(model, batch: Batch, vocab_size: int) -> torch.Tensor:
-    """-log p(y_t | x, y_<t) for every target column, one forward: (B, L); read it through batch.target_mask."""
+    """-log p(y_t | x, y_<t) of every target column, one forward: (B, L); read it via batch.target_mask."""
     return -score(model, batch, 1.0, vocab_size)[1]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, reduce: str = "batch") -> tuple[torch.Tensor, bool]:
-    """(mean, non-empty): token-mean over the whole batch, or per sample then over the samples that have tokens.
+    """(mean, non-empty): token-mean over the whole batch, or per sample then over the samples with tokens.
 
     An empty mask gives (0 with a graph, False) - callers decide; values outside the mask never leak in.
     >>> masked_mean(torch.tensor([[1., 3.], [5., 0.]]), torch.tensor([[1, 1], [1, 0]]).bool(), "per_sample")
@@ -353,12 +338,12 @@ def worst_group_loss(token_losses: torch.Tensor, groups: torch.Tensor, mask: tor
     """L_GO = (1 - lam) L_CE + lam max_g L_g, and a dict of detached statistics.
 
     token_losses, groups, mask: (B, L). An empty group is left out of the max, so with one group empty
-    L_GO = L_CE for any lam. weights (2,): use sum_g w_g L_g (Group-DRO's q, or Rho-1's (0, 1)) instead of the
-    hard max; weight on an empty group is dropped and the rest renormalised. A batch with no supervised
+    L_GO = L_CE for any lam. weights (2,): use sum_g w_g L_g (Group-DRO's q, or Rho-1's (0, 1)) instead of
+    the hard max; weight on an empty group is dropped and the rest renormalised. A batch with no supervised
     token raises ValueError (a silent 0 or NaN would hide a data bug).
     With reduce="batch" a token's gradient weight is (1 - lam)/N, plus lam/N_w inside the worst group.
-    >>> losses = torch.tensor([[1.0, 3.0, 2.0]])
-    >>> loss, stats = worst_group_loss(losses, torch.tensor([[0, 1, 0]]), torch.ones(1, 3, dtype=torch.bool), 0.9)
+    >>> losses, mask = torch.tensor([[1.0, 3.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool)
+    >>> loss, stats = worst_group_loss(losses, torch.tensor([[0, 1, 0]]), mask, 0.9)
     >>> loss, stats["worst_group"]           # CE 2, L_0 = 1.5, L_1 = 3: 0.1 * 2 + 0.9 * 3
     (tensor(2.9000), 1)
     """
@@ -383,9 +368,10 @@ def worst_group_loss(token_losses: torch.Tensor, groups: torch.Tensor, mask: tor
 
 def update_dro_weights(q: torch.Tensor, group_losses: torch.Tensor, present: torch.Tensor,
                        eta_q: float = 0.01) -> torch.Tensor:
-    """Online Group DRO (Sagawa et al. 2020): q_g <- q_g exp(eta_q L_g), renormalised; empty groups keep q_g.
+    """Online Group DRO (Sagawa et al. 2020): q_g <- q_g exp(eta_q L_g), renormalised; an empty g keeps q_g.
 
-    >>> update_dro_weights(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 3.0]), torch.tensor([True, True]), 0.5)
+    >>> both = torch.tensor([True, True])
+    >>> update_dro_weights(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 3.0]), both, 0.5)
     tensor([0.2689, 0.7311])
     """
     q = q * torch.exp(eta_q * group_losses.detach().cpu() * present.cpu())
@@ -398,44 +384,37 @@ def lambda_at(step: int, T: int, lam0: float, schedule: str = "constant") -> flo
     >>> [round(lambda_at(t, 10, 0.9, "linear"), 2) for t in (0, 5, 10)]
     [0.9, 0.45, 0.0]
     """
+    if schedule not in LAMBDA_SCHEDULES:
+        raise ValueError(f"unknown lambda schedule {schedule!r}; choose one of {LAMBDA_SCHEDULES}")
     frac = min(max(step / T, 0.0), 1.0)
-    if schedule == "constant":
-        return lam0
-    if schedule == "linear":
-        return lam0 * (1 - frac)
-    if schedule == "cosine":
-        return lam0 * 0.5 * (1 + math.cos(math.pi * frac))
-    if schedule == "exp":
-        return lam0 * math.exp(-EXP_DECAY_RATE * frac)
-    raise ValueError(f"unknown lambda schedule {schedule!r}; choose one of {LAMBDA_SCHEDULES}")
+    return {"constant": lam0, "linear": lam0 * (1 - frac),
+            "cosine": lam0 * 0.5 * (1 + math.cos(math.pi * frac)),
+            "exp": lam0 * math.exp(-EXP_DECAY_RATE * frac)}[schedule]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The reference model of the excess-loss grouping (and Rho-1)
-# ----------------------------------------------------------------------------------------------------------
-
-def ce_step(model, tokenizer, batch: Batch, micro_batch_size: int) -> float:
-    """Backward of plain token-mean NLL over a batch (accumulated over micro-batches); returns the loss."""
-    total, loss_sum = batch.target_mask.sum(), 0.0
-    for index in micro_batches(batch.ids.shape[0], micro_batch_size):
-        part = batch.rows(index)
-        loss = (token_nll(model, part, len(tokenizer)) * part.target_mask).sum() / total
-        loss.backward()
-        loss_sum += float(loss.detach())
-    return loss_sum
-
+# --- The reference model of the excess-loss grouping (and Rho-1) ----------------------------------
 
 def reference_folder(args, model_path: str) -> Path:
     """Cache folder of the default reference: named after everything that determines its weights."""
-    key = {k: getattr(args, k) for k in ("data", "num_train", "min_nums", "max_nums", "ref_steps",
-                                          "batch_size", "learning_rate", "seed", "dtype", "max_response_length")}
-    key["model"] = model_path
+    names = ("data", "num_train", "min_nums", "max_nums", "ref_steps", "batch_size", "learning_rate", "seed",
+             "dtype", "max_response_length")
+    key = {**{k: getattr(args, k) for k in names}, "model": model_path}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(args.cache_dir) / f"sft_go-ref-{digest}"
 
 
+def save_model(model, tokenizer, folder: Path) -> None:
+    """Model and tokenizer to `folder`, atomically (a kill never leaves half a model)."""
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    save_atomically(save, folder)
+
+
 def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
-    """The default reference: the base model after --ref_steps of plain SFT on the training rows (cached)."""
+    """The default reference: the base model after --ref_steps of plain SFT on the training rows (cached).
+
+    Each step is uft's SFT step (`uft.sft_update`: token-mean NLL of the responses, micro-batched)."""
     from tqdm.auto import tqdm
 
     folder = reference_folder(args, model.name_or_path)
@@ -446,16 +425,10 @@ def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
                                           args.lr_scheduler)
     for step in tqdm(range(1, args.ref_steps + 1), desc=f"reference: plain SFT (once; cached in {folder})"):
         index = rows_for_step(len(enc.responses), args.batch_size, step, args.seed + 1)
-        ce_step(ref, tokenizer, batch_of(enc, index, tokenizer.pad_token_id, ref.device), args.micro_batch_size)
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), args.max_grad_norm)
-        optimizer.step()
+        sft_update(ref, batch_of(enc, index, tokenizer.pad_token_id, ref.device), len(tokenizer), optimizer,
+                   micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm, step=step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def save(tmp):
-        ref.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    save_atomically(save, folder)
+    save_model(ref, tokenizer, folder)
     return folder
 
 
@@ -465,19 +438,17 @@ def load_reference(args, model, tokenizer, enc: Encoded):
     ref, ref_tok = load_model(path, dtype=args.dtype, device=str(model.device.type),
                               trust_remote_code=args.trust_remote_code)
     probe = "The answer is 42 (x + y) </answer>"
-    if ref_tok(probe, add_special_tokens=False)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+    if len({tuple(t(probe, add_special_tokens=False)["input_ids"]) for t in (ref_tok, tokenizer)}) > 1:
         raise UserError(f"--ref_model {path}: its tokenizer splits text differently from the model's, so its "
                         "per-token losses cannot be aligned; use a reference of the same model family")
     return ref.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training run
-# ----------------------------------------------------------------------------------------------------------
+# --- Training run ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class GoRun:
-    """Everything a step reads or changes (optimizer_step from uft uses model, args, optimizer, scheduler)."""
+    """Everything a step reads or changes (sft_go's own; uft functions get plain arguments)."""
     args: argparse.Namespace
     model: torch.nn.Module
     tokenizer: object
@@ -514,21 +485,25 @@ def reference_losses(run: GoRun, split: str, index: list[int], batch: Batch) -> 
                       batch.ids.device)
 
 
-def importance(run: GoRun, split: str, index: list[int], batch: Batch, token_losses: torch.Tensor,
-               grouping: str) -> torch.Tensor:
-    """(B, L) scores of the run's grouping for these rows."""
-    if grouping == "excess":
-        return excess_loss_scores(token_losses, reference_losses(run, split, index, batch))
-    return pad_scores([run.scores[split][i] for i in index], batch.target_mask.shape[1], batch.ids.device)
-
-
 def grouping_of(args) -> tuple[str, str]:
     """(grouping, per): Rho-1 always ranks excess loss over the whole batch."""
     return ("excess", "batch") if args.loss == "rho1" else (args.grouping, "sample")
 
 
+def scored_groups(run: GoRun, split: str, index: list[int], batch: Batch) -> tuple[torch.Tensor, ...]:
+    """(token losses, importance scores, groups), each (B, L), of rows `index` of `split` (one forward)."""
+    grouping, per = grouping_of(run.args)
+    losses = token_nll(run.model, batch, len(run.tokenizer))
+    if grouping == "excess":
+        scores = excess_loss_scores(losses, reference_losses(run, split, index, batch))
+    else:
+        scores = pad_scores([run.scores[split][i] for i in index], batch.target_mask.shape[1],
+                            batch.ids.device)
+    return losses, scores, top_eta_groups(scores, batch.target_mask, run.args.eta, per)
+
+
 def objective(run: GoRun, token_losses, groups, mask, lam: float) -> tuple[torch.Tensor, dict]:
-    """The run's loss on one micro-batch: ce (lam = 0), go (hard max or Group-DRO q), rho1 (important group only)."""
+    """The run's loss on one micro-batch: ce (lam = 0), go (max or Group-DRO q), rho1 (important only)."""
     a = run.args
     if a.loss == "ce":
         return worst_group_loss(token_losses, groups, mask, 0.0, a.go_reduce)
@@ -542,49 +517,48 @@ def objective(run: GoRun, token_losses, groups, mask, lam: float) -> tuple[torch
     return worst_group_loss(token_losses, groups, mask, lam, a.go_reduce, weights)
 
 
-def current_lambda(args, step: int) -> float:
-    """lam_t of the run: the schedule for go; 0 for ce (plain SFT); 1 for rho1."""
-    if args.loss == "go":
-        return lambda_at(step, args.T, args.lam, args.lam_schedule)
-    return 0.0 if args.loss == "ce" else 1.0
+def micro_batch_backward(run: GoRun, index: list[int], batch: Batch, lam: float):
+    """Backward of the run's loss, micro-batch by micro-batch, each weighted by its share of the batch's
+    tokens (go_reduce batch) or rows (per_sample). Returns (loss, and the whole batch's token losses,
+    groups and mask (B, L), detached)."""
+    a = run.args
+    total_tokens, loss_sum, kept = int(batch.target_mask.sum()), 0.0, []
+    for part_index in micro_batches(len(index), a.micro_batch_size):
+        part = batch.rows(part_index.to(batch.ids.device))
+        rows = [index[i] for i in part_index.tolist()]
+        losses, _, groups = scored_groups(run, "train", rows, part)               # (b, L) each
+        loss, _ = objective(run, losses, groups, part.target_mask, lam)
+        share = (int(part.target_mask.sum()) / total_tokens if a.go_reduce == "batch"
+                 else len(rows) / len(index))
+        backward(loss * share, run.step)                   # refuses a non-finite loss
+        loss_sum += float(loss.detach()) * share
+        kept.append((losses.detach(), groups, part.target_mask))
+    width = batch.target_mask.shape[1]                     # micro-batches are cut to their own longest row
+    return (loss_sum, *(torch.cat([widen(x, width, fill) for x in t])
+                        for t, fill in zip(zip(*kept), (0.0, UNSUPERVISED, False))))
 
 
 def train_step(run: GoRun) -> dict:
     """One optimizer step. With micro-batches each micro-batch takes its own max, weighted by its token
     share (exactly the batch max when micro_batch_size >= batch_size, the default); the logged statistics
-    always cover the whole batch."""
-    a, vocab = run.args, len(run.tokenizer)
-    grouping, per = grouping_of(a)
+    always cover the whole batch.
+
+    Not `uft.sft_update`, even for --loss ce: the group losses need every token's loss and group, and
+    per_sample weights micro-batches by rows. The optimizer step itself is uft's (`optimizer_step`)."""
+    a = run.args
     index = rows_for_step(len(run.rows["train"]), a.batch_size, run.step, a.seed)
     batch = batch_of(run.enc["train"], index, run.tokenizer.pad_token_id, run.model.device)
-    lam = current_lambda(a, run.step)
+    lam = (lambda_at(run.step, a.T, a.lam, a.lam_schedule) if a.loss == "go"
+           else float(a.loss == "rho1"))                  # ce: 0 (plain SFT); rho1: 1
     run.model.train()
-    total_tokens, total_rows = int(batch.target_mask.sum()), len(index)
-    loss_sum, kept = 0.0, []
-    for part_index in micro_batches(len(index), a.micro_batch_size):
-        part = batch.rows(part_index.to(batch.ids.device))
-        rows = [index[i] for i in part_index.tolist()]
-        losses = token_nll(run.model, part, vocab)                                 # (b, L)
-        groups = top_eta_groups(importance(run, "train", rows, part, losses, grouping), part.target_mask,
-                                a.eta, per)                                        # (b, L)
-        loss, _ = objective(run, losses, groups, part.target_mask, lam)
-        share = (int(part.target_mask.sum()) / total_tokens if a.go_reduce == "batch"
-                 else len(rows) / total_rows)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({float(loss)}) at step {run.step}")
-        (loss * share).backward()
-        loss_sum += float(loss.detach()) * share
-        kept.append((losses.detach(), groups, part.target_mask))
-    width = batch.target_mask.shape[1]                     # micro-batches are cut to their own longest row
-    losses, groups, mask = (torch.cat([widen(x, width, fill) for x in t])
-                            for t, fill in zip(zip(*kept), (0.0, UNSUPERVISED, False)))
+    loss_sum, losses, groups, mask = micro_batch_backward(run, index, batch, lam)
     _, stats = worst_group_loss(losses, groups, mask, lam, a.go_reduce)
     if stats["worst_group"] >= 0:
         run.switches += int(run.last_worst >= 0 and stats["worst_group"] != run.last_worst)
         run.last_worst = stats["worst_group"]
     stats.update(loss=loss_sum, lam=lam, worst_switches=run.switches,
                  important_fraction=float((groups == IMPORTANT).sum() / mask.sum()),
-                 grad_norm=optimizer_step(run))
+                 grad_norm=optimizer_step(run.model, run.optimizer, a.max_grad_norm))
     run.scheduler.step()
     if a.loss == "go" and a.go_mode == "dro":
         stats["q_important"] = float(run.q[IMPORTANT])
@@ -593,68 +567,62 @@ def train_step(run: GoRun) -> dict:
 
 @torch.no_grad()
 def held_out(run: GoRun, progress: bool = False) -> dict:
-    """Token-mean held-out loss overall and per group (over the whole test set); countdown accuracy (greedy)."""
-    a = run.args
-    grouping, per = grouping_of(a)
+    """Token-mean held-out loss overall and per group (over the whole test set); countdown accuracy."""
     run.model.eval()
     sums, counts = torch.zeros(3), torch.zeros(3)          # unimportant, important, all
     test = run.rows["test"]
-    for part_index in micro_batches(len(test), a.micro_batch_size):
+    for part_index in micro_batches(len(test), run.args.micro_batch_size):
         rows = part_index.tolist()
         part = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
-        losses = token_nll(run.model, part, len(run.tokenizer))
-        groups = top_eta_groups(importance(run, "test", rows, part, losses, grouping), part.target_mask, a.eta, per)
+        losses, _, groups = scored_groups(run, "test", rows, part)
         for g, member in enumerate([groups == UNIMPORTANT, groups == IMPORTANT, part.target_mask]):
             sums[g] += float(torch.where(member, losses, 0.0).sum())
             counts[g] += float(member.sum())
     mean = (sums / counts.clamp(min=1)).tolist()
     metrics = {"eval_loss_unimportant": mean[0], "eval_loss_important": mean[1], "eval_ce": mean[2]}
-    if is_countdown(test):
-        m, _ = uft.evaluate(run.model, run.tokenizer, test, a.max_completion_length, a.eval_batch_size,
-                            progress=progress)
+    if all({"question", "nums", "target"} <= r.keys() for r in test):    # countdown: greedy answers
+        m, _ = uft.evaluate(run.model, run.tokenizer, test, run.args.max_completion_length,
+                            run.args.eval_batch_size, progress=progress)
         metrics.update({f"eval_{k}": v for k, v in m.items() if k != "rewards"})
     return metrics
 
 
 def write_samples_html(run: GoRun, path: Path, num_samples: int = 6) -> Path:
     """A page showing held-out responses with their important tokens highlighted (hover: score)."""
-    a = run.args
-    grouping, per = grouping_of(a)
     rows = list(range(min(num_samples, len(run.rows["test"]))))
     batch = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
     run.model.eval()
     with torch.no_grad():
-        losses = token_nll(run.model, batch, len(run.tokenizer))
-        scores = importance(run, "test", rows, batch, losses, grouping)
-    groups = top_eta_groups(scores, batch.target_mask, a.eta, per)
-    parts = [f"<h2>{html.escape(run.out.name)}: {grouping} groups, eta = {a.eta}</h2>",
+        losses, scores, groups = scored_groups(run, "test", rows, batch)
+    parts = [f"<h2>{html.escape(run.out.name)}: {grouping_of(run.args)[0]} groups, eta = {run.args.eta}</h2>",
              "<p><span class=imp>important</span> tokens; hover a token for its score and loss.</p>"]
     for r in rows:
-        ids = run.enc["test"].responses[r]
         spans = []
-        for t, tid in enumerate(ids):
+        for t, tid in enumerate(run.enc["test"].responses[r]):
             text = html.escape(run.tokenizer.decode([tid])).replace("\n", "&#9166;<br>")
             cls = "imp" if groups[r, t] == IMPORTANT else "un"
             spans.append(f"<span class={cls} title='score {float(scores[r, t]):.3f}, loss "
                          f"{float(losses[r, t]):.3f}'>{text}</span>")
         prompt = html.escape(run.rows["test"][r]["prompt"][-300:])
-        parts.append(f"<div class=row><pre class=prompt>{prompt}</pre><div class=resp>{''.join(spans)}</div></div>")
-    style = ("<style>body{font-family:sans-serif;max-width:60em}.row{border-top:1px solid #ccc;padding:.5em 0}"
-             ".prompt{color:#888;white-space:pre-wrap}.resp{font-family:monospace;white-space:pre-wrap}"
-             ".imp{background:#ffb347}.un{background:#eef}</style>")
+        parts.append(f"<div class=row><pre class=prompt>{prompt}</pre>"
+                     f"<div class=resp>{''.join(spans)}</div></div>")
+    style = ("<style>body{font-family:sans-serif;max-width:60em}.row{border-top:1px solid #ccc;"
+             "padding:.5em 0}.prompt{color:#888;white-space:pre-wrap}"
+             ".resp{font-family:monospace;white-space:pre-wrap}.imp{background:#ffb347}.un{background:#eef}"
+             "</style>")
     path.write_text(f"<html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>")
     return path
 
 
 def plot_losses(out: Path) -> Path:
     """losses.png: training and held-out loss of each group over steps (and accuracy when measured)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure       # no pyplot: leaves the caller's (notebook's) backend alone
 
     metrics = read_jsonl(out / "metrics.jsonl")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-    for ax, prefix, title in [(axes[0], "", "training loss per group"), (axes[1], "eval_", "held-out loss per group")]:
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 2)
+    for ax, prefix, title in [(axes[0], "", "training loss per group"),
+                              (axes[1], "eval_", "held-out loss per group")]:
         for key, color in [("ce", "k"), ("loss_important", "tab:orange"), ("loss_unimportant", "tab:blue")]:
             pts = [(m["step"], m[prefix + key]) for m in metrics if m.get(prefix + key) is not None]
             if pts:
@@ -670,18 +638,18 @@ def plot_losses(out: Path) -> Path:
         twin.set_ylabel("accuracy", color="tab:green")
     fig.tight_layout()
     fig.savefig(out / "losses.png", dpi=90)
-    plt.close(fig)
     return out / "losses.png"
 
 
 def static_scores(args, tokenizer, rows: dict, enc: dict) -> dict | None:
-    """Per-token scores of the static groupings for the train and test rows (TF-IDF idf from train only)."""
+    """Per-token scores of the static groupings for the train and test rows (TF-IDF: idf from train)."""
     grouping, _ = grouping_of(args)
     texts = {s: [r["response"] for r in rows[s]] for s in rows}
     if grouping == "excess":
         return None
     if grouping == "random":
-        return {s: random_scores([len(x) for x in enc[s].responses], args.seed + i) for i, s in enumerate(enc)}
+        lengths = {s: [len(x) for x in enc[s].responses] for s in enc}
+        return {s: random_scores(lengths[s], args.seed + i) for i, s in enumerate(enc)}
     if grouping == "tfidf" and args.tfidf_unit == "token":
         return {s: tfidf_scores(enc[s].responses, enc["train"].responses) for s in enc}
     if grouping == "tfidf":
@@ -711,23 +679,17 @@ def setup(args, rows: dict) -> GoRun:
     words = grouping == "classifier" or (grouping == "tfidf" and args.tfidf_unit == "word")
     if words:
         check_offsets(tok, f"--model {args.model}")
-    enc = {s: encode_rows(tok, rows[s], args.max_prompt_length, args.max_response_length, words) for s in rows}
+    enc = {s: encode_rows(tok, rows[s], args.max_prompt_length, args.max_response_length, words)
+           for s in rows}
     scores = static_scores(args, tok, rows, enc)
     ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio, args.T,
-                                          args.lr_scheduler)
+    optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
+                                          args.T, args.lr_scheduler)
     return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)
-
-
-def save_model(run: GoRun) -> None:
-    def save(tmp):
-        run.model.save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-    save_atomically(save, run.out / "checkpoint")
 
 
 def train(args, rows: dict | None = None) -> dict:
@@ -747,84 +709,93 @@ def train(args, rows: dict | None = None) -> dict:
             metrics = train_step(run)
         except FloatingPointError as err:
             raise UserError(f"{err}: stopped (try a lower --learning_rate)") from None
-        metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
+        metrics.update(step=step, lr=run.scheduler.get_last_lr()[0],
+                       step_seconds=time.perf_counter() - start)
         if step % args.eval_steps == 0 or step == args.T:
             metrics.update(held_out(run))
             tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
                                                       if k.startswith("eval_") and k != "eval_length"))
         append_jsonl(run.out / "metrics.jsonl", metrics)
-        bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"], lam=f"{metrics['lam']:.2f}")
+        bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"],
+                        lam=f"{metrics['lam']:.2f}")
         if step % args.save_steps == 0 or step == args.T:
-            save_model(run)
+            save_model(run.model, run.tokenizer, run.out / "checkpoint")
     plot_losses(run.out)
     write_samples_html(run, run.out / "samples.html", args.num_html_samples)
     return {"output_dir": str(run.out), "base": first, "worst_switches": run.switches,
             **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------------------
+
+# Every flag, by topic: (flag, default, help[, argparse options]) for common.add_flags, as in uft.py
+FLAGS = {
+    "SFT-GO": [
+        ("loss", "ce,go", "comma-separated runs, trained in turn with the same seed and budget: ce (plain "
+                          "SFT), go (SFT-GO), rho1 (Rho-1: mean loss of the top-eta excess-loss tokens of "
+                          "the batch)"),
+        ("grouping", "tfidf", "token importance for go (and for the per-group losses logged by ce); rho1 "
+                              "uses excess", {"choices": GROUPINGS}),
+        ("eta", 0.3, "fraction of each response's tokens that is important (rho1: of the batch's tokens)"),
+        ("lam", 0.9, "lambda: weight of the worst-group loss (0 = plain CE)"),
+        ("lam_schedule", "constant", "lambda decay over T", {"choices": LAMBDA_SCHEDULES}),
+        ("go_mode", "max", "hard max over groups, or online Group-DRO weights (ablation)",
+         {"choices": ["max", "dro"]}),
+        ("eta_q", 0.01, "Group-DRO step size of the group weights q"),
+        ("go_reduce", "batch", "group loss = token mean over the batch, or per sample then mean over "
+                               "samples", {"choices": ["batch", "per_sample"]}),
+        ("tfidf_unit", "token", "TF-IDF terms", {"choices": ["token", "word"]}),
+        ("ref_model", None, "excess-loss reference (a folder or hub id); default: the base model after "
+                            "--ref_steps of plain SFT, cached in --cache_dir", {"type": str}),
+        ("ref_steps", 50, "plain-SFT steps of the default reference"),
+        ("classifier", None, "token-classification model for --grouping classifier, e.g. "
+                             "microsoft/llmlingua-2-xlm-roberta-large-meetingbank", {"type": str}),
+        ("classifier_label", 1, "the classifier's 'keep' label id"),
+    ],
+    "optimisation": [
+        ("T", 500, "training steps"),
+        ("batch_size", 64, "responses per step"),
+        ("micro_batch_size", 64, "rows per forward pass; smaller than batch_size accumulates gradients and "
+                                 "takes the worst group per micro-batch"),
+        ("learning_rate", 1e-3, "AdamW learning rate"),
+        ("weight_decay", 0.01, "AdamW weight decay"),
+        ("lr_scheduler", "cosine", "after warm-up", {"choices": ["constant", "cosine"]}),
+        ("warmup_ratio", 0.05, "fraction of T spent warming up"),
+        ("max_grad_norm", 1.0, "gradient-norm clip"),
+    ],
+    "data": [
+        ("data", "countdown", "'countdown' (built in) or a .jsonl/.json/.parquet file with prompt/response "
+                              "(or question/answer, or Alpaca instruction/input/output) columns"),
+        ("test_data", None, "held-out file (default: the first num_test rows of --data)", {"type": str}),
+        ("num_train", 20000, "training rows"),
+        ("num_test", 200, "held-out rows"),
+        ("min_nums", 3, "built-in countdown: fewest numbers per problem"),
+        ("max_nums", 3, "built-in countdown: most numbers per problem"),
+        ("max_prompt_length", 512, "prompt tokens kept (the last ones)"),
+        ("max_response_length", 512, "response tokens kept (the first ones)"),
+    ],
+    "run": [
+        ("output_dir", None, "run folder (default runs/sft_go-<time>)", {"type": str}),
+        ("eval_steps", 100, "held-out evaluation every this many steps"),
+        ("eval_batch_size", 256, "prompts per greedy generation batch"),
+        ("max_completion_length", 96, "new tokens per greedy countdown answer"),
+        ("save_steps", 1000, "checkpoint every this many steps (and at the end)"),
+        ("num_html_samples", 6, "held-out responses shown in samples.html"),
+        ("cache_dir", str(DEFAULT_CACHE), "where the default reference model is cached"),
+        ("seed", 0, "data order, initialisation, random groups"),
+    ],
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sft_go.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="SFT-GO and its baselines. With no flags: plain SFT, then SFT-GO with TF-IDF groups, on the "
-                    "built-in model and countdown (CPU, under 10 minutes), and a comparison table.")
-    g = p.add_argument_group("SFT-GO")
-    g.add_argument("--loss", default="ce,go",
-                   help="comma-separated runs, trained in turn with the same seed and budget: ce (plain SFT), go "
-                        "(SFT-GO), rho1 (Rho-1: mean loss of the top-eta excess-loss tokens of the batch)")
-    g.add_argument("--grouping", default="tfidf", choices=GROUPINGS,
-                   help="token importance for go (and for the per-group losses logged by ce); rho1 uses excess")
-    g.add_argument("--eta", type=float, default=0.3, help="fraction of each response's tokens that is important (rho1: of the batch's tokens)")
-    g.add_argument("--lam", type=float, default=0.9, help="lambda: weight of the worst-group loss (0 = plain CE)")
-    g.add_argument("--lam_schedule", default="constant", choices=LAMBDA_SCHEDULES, help="lambda decay over T")
-    g.add_argument("--go_mode", default="max", choices=["max", "dro"],
-                   help="hard max over groups, or online Group-DRO weights (ablation)")
-    g.add_argument("--eta_q", type=float, default=0.01, help="Group-DRO step size of the group weights q")
-    g.add_argument("--go_reduce", default="batch", choices=["batch", "per_sample"],
-                   help="group loss = token mean over the batch, or per sample then mean over samples")
-    g.add_argument("--tfidf_unit", default="token", choices=["token", "word"], help="TF-IDF terms")
-    g.add_argument("--ref_model", default=None,
-                   help="excess-loss reference (a folder or hub id); default: the base model after --ref_steps "
-                        "of plain SFT, cached in --cache_dir")
-    g.add_argument("--ref_steps", type=int, default=50, help="plain-SFT steps of the default reference")
-    g.add_argument("--classifier", default=None,
-                   help="token-classification model for --grouping classifier, e.g. "
-                        "microsoft/llmlingua-2-xlm-roberta-large-meetingbank")
-    g.add_argument("--classifier_label", type=int, default=1, help="the classifier's 'keep' label id")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--T", type=int, default=500, help="training steps")
-    g.add_argument("--batch_size", type=int, default=64, help="responses per step")
-    g.add_argument("--micro_batch_size", type=int, default=64, help="rows per forward pass; smaller than batch_size accumulates gradients and takes the "
-                        "worst group per micro-batch")
-    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--lr_scheduler", default="cosine", choices=["constant", "cosine"], help="after warm-up")
-    g.add_argument("--warmup_ratio", type=float, default=0.05, help="fraction of T spent warming up")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="countdown",
-                   help="'countdown' (built in) or a .jsonl/.json/.parquet file with prompt/response (or "
-                        "question/answer, or Alpaca instruction/input/output) columns")
-    g.add_argument("--test_data", default=None, help="held-out file (default: the first num_test rows of --data)")
-    g.add_argument("--num_train", type=int, default=20000, help="training rows")
-    g.add_argument("--num_test", type=int, default=200, help="held-out rows")
-    g.add_argument("--min_nums", type=int, default=3, help="built-in countdown: fewest numbers per problem")
-    g.add_argument("--max_nums", type=int, default=3, help="built-in countdown: most numbers per problem")
-    g.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
-    g.add_argument("--max_response_length", type=int, default=512, help="response tokens kept (the first ones)")
-    uft.add_model_flags(p)
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default=None, help="run folder (default runs/sft_go-<time>)")
-    g.add_argument("--eval_steps", type=int, default=100, help="held-out evaluation every this many steps")
-    g.add_argument("--eval_batch_size", type=int, default=256, help="prompts per greedy generation batch")
-    g.add_argument("--max_completion_length", type=int, default=96, help="new tokens per greedy countdown answer")
-    g.add_argument("--save_steps", type=int, default=1000, help="checkpoint every this many steps (and at the end)")
-    g.add_argument("--num_html_samples", type=int, default=6, help="held-out responses shown in samples.html")
-    g.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="where the default reference model is cached")
-    g.add_argument("--seed", type=int, default=0, help="data order, initialisation, random groups")
+        description="SFT-GO and its baselines. With no flags: plain SFT, then SFT-GO with TF-IDF groups, "
+                    "on the built-in model and countdown (CPU, under 10 minutes), and a comparison table.")
+    for topic, flags in FLAGS.items():
+        if topic == "run":
+            uft.add_model_flags(p)                         # --model, --dtype, --device, ...: load_model's
+        add_flags(p, topic, flags)
     return p
 
 
@@ -853,7 +824,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     for name in ("data", "test_data"):
         value = getattr(args, name)
         if value and value != "countdown" and not Path(value).is_file():
-            p.error(f"--{name} {value!r}: no such file" + (" (and not 'countdown')" if name == "data" else ""))
+            where = " (and not 'countdown')" if name == "data" else ""
+            p.error(f"--{name} {value!r}: no such file{where}")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"sft_go-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -865,19 +837,16 @@ def parse_args(argv=None):
     return args
 
 
-def run_name(args, loss: str) -> str:
-    return "ce" if loss == "ce" else "rho1" if loss == "rho1" else f"go-{args.grouping}"
-
-
 def summary_table(results: dict) -> str:
-    """One line per run: held-out accuracy (countdown), token-mean loss overall and per group, how often the
-    worst training group flipped, minutes."""
+    """One line per run: held-out accuracy (countdown), token-mean loss overall and per group, how often
+    the worst training group flipped, minutes."""
     lines = [f"{'run':<12}{'accuracy':>10}{'CE':>8}{'L_important':>13}{'L_unimportant':>15}{'flips':>7}"
              f"{'minutes':>9}"]
     for name, r in results.items():
         acc = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "-"
         lines.append(f"{name:<12}{acc:>10}{r['eval_ce']:>8.3f}{r['eval_loss_important']:>13.3f}"
-                     f"{r['eval_loss_unimportant']:>15.3f}{r.get('worst_switches', '-'):>7}{r['minutes']:>9.1f}")
+                     f"{r['eval_loss_unimportant']:>15.3f}{r.get('worst_switches', '-'):>7}"
+                     f"{r['minutes']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -887,7 +856,7 @@ def main(argv=None) -> int:
     try:
         rows = dict(zip(("train", "test"), load_rows(args)))
         for loss in args.losses:
-            name = run_name(args, loss)
+            name = loss if loss in ("ce", "rho1") else f"go-{args.grouping}"
             sub = args.output_dir if len(args.losses) == 1 else str(Path(args.output_dir) / name)
             run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": sub})
             start = time.time()
@@ -895,10 +864,12 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    table = summary_table({"base model": {**next(iter(results.values()))["base"], "minutes": 0.0}, **results})
+    table = summary_table({"base model": {**next(iter(results.values()))["base"], "minutes": 0.0},
+                           **results})
     Path(args.output_dir, "summary.txt").write_text(table + "\n")
+    groups = f"{args.grouping}{f' ({args.tfidf_unit}s)' if args.grouping == 'tfidf' else ''}"
     print(f"\nheld-out after {args.T} steps (eta {args.eta}, lam {args.lam}, seed {args.seed}); "
-          f"groups: {args.grouping}{f' ({args.tfidf_unit}s)' if args.grouping == 'tfidf' else ''}\n{table}\n"
+          f"groups: {groups}\n{table}\n"
           f"run folders under {args.output_dir} (losses.png, samples.html, metrics.jsonl)")
     return 0
 

@@ -336,7 +336,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     >>> kl_k3(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 5.0]))    # e^5 - 6 = 142.4 is clamped
     tensor([ 0., 10.])
     """
-    x = ref_logp - logp
+    x = (ref_logp - logp).clamp(-2 * KL_CLAMP, 2 * KL_CLAMP)   # changes nothing, keeps exp(x) finite
     return (torch.exp(x) - x - 1).clamp(-KL_CLAMP, KL_CLAMP)
 
 
@@ -634,7 +634,7 @@ def training_step(run: Run) -> dict:
     phase = phase_of(a.algo, run.step, a.sft_steps)
     rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, run.step, a.seed)]
     if phase == "sft":
-        metrics = sft_update(run.model, sft_batch(run, rows), len(run.tokenizer), run.optimizer,
+        metrics = sft_update(run.model, sft_batch(run.tokenizer, rows, run.model.device, run.encode), len(run.tokenizer), run.optimizer,
                              micro_batch_size=a.micro_batch_size, max_grad_norm=a.max_grad_norm, step=run.step)
     else:
         rl_step = run.step - (a.sft_steps if a.algo == "sft-rft" else 0)    # counts from 1 in the RL phase
@@ -760,7 +760,7 @@ BASE_RECIPES = {r["name"]: r for r in (
 
 def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
     """Folder of the built-in base model; built once (a few minutes on a laptop CPU), then loaded from cache."""
-    from types import SimpleNamespace
+    from functools import lru_cache
     from tqdm.auto import tqdm
 
     folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
@@ -769,16 +769,16 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
     model, tok = load_model(str(builtin_init(folder.with_name("init"), recipe["seed"])), device="cpu")
     rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=recipe["min_nums"],
                               max_nums=recipe["max_nums"], heldout=False)
-    args = SimpleNamespace(max_grad_norm=1.0, micro_batch_size=recipe["batch_size"])
     optimizer, scheduler = make_optimizer(model, recipe["learning_rate"], weight_decay=0.01, warmup_ratio=0.05,
                                           steps=recipe["steps"], schedule="cosine")
-    run = Run(args=args, model=model, tokenizer=tok, ref=None, optimizer=optimizer, scheduler=scheduler,
-              train_rows=rows, test_rows=[], rng=random.Random(0), generator=torch.Generator(), out=folder)
+    encode = lru_cache(maxsize=None)(lambda text: tok(text, add_special_tokens=False)["input_ids"])
     bar = tqdm(range(1, recipe["steps"] + 1), desc=f"building the base model (once; cached in {folder})",
                disable=not progress)
     for step in bar:
         batch = [rows[i] for i in rows_for_step(len(rows), recipe["batch_size"], step, recipe["seed"])]
-        bar.set_postfix(nll=f"{sft_update(run, sft_batch(run, batch))['loss']:.3f}")
+        metrics = sft_update(model, sft_batch(tok, batch, encode=encode), len(tok), optimizer,
+                             micro_batch_size=recipe["batch_size"], max_grad_norm=1.0, step=step)
+        bar.set_postfix(nll=f"{metrics['loss']:.3f}")
         scheduler.step()
 
     def save(tmp):

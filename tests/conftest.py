@@ -10,21 +10,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import uft  # noqa: E402
+import common  # noqa: E402
 
 CORPUS = [f"{a} + {b} = {a + b}\nthe answer is <answer> {a * b} </answer>" for a in range(30) for b in range(12)]
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return uft.build_tokenizer(CORPUS, vocab_size=300)
+    return common.build_tokenizer(CORPUS, vocab_size=300)
 
 
 def make_llama(tokenizer, seed=0, vocab_rows=None):
     """A 2-layer Llama whose large init makes logits peaked (greedy ties would make comparisons flaky)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = uft.tiny_llama_config(vocab_rows or len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+    cfg = common.tiny_llama_config(vocab_rows or len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                                 hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                 num_key_value_heads=2, initializer_range=0.2)
     model = LlamaForCausalLM(cfg).eval()

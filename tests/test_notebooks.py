@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom (quick mode), keep their exercises checked, and never paste uft.py's code.
+"""The notebooks run top to bottom (quick mode), keep their exercises checked, and never paste the code of
+uft.py, sft_go.py, tasks.py or common.py.
 
 Each notebook is executed in memory with nbclient: the files on disk keep their saved outputs.
 """
@@ -12,11 +13,24 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import common
+import sft_go
+import tasks
 import uft
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 UFT_PUBLIC = {name for name in dir(uft) if not name.startswith("_") and callable(getattr(uft, name))}
+
+
+def defined_in(module) -> set[str]:
+    """Public functions and classes the module itself defines (not the ones it imports)."""
+    return {name for name, obj in vars(module).items()
+            if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", None) == module.__name__}
+
+
+PUBLIC = {"uft": UFT_PUBLIC | defined_in(uft), "sft_go": defined_in(sft_go), "tasks": defined_in(tasks),
+          "common": defined_in(common)}
 
 
 def code_cells(nb):
@@ -69,12 +83,26 @@ def test_exercises_are_checked_by_an_assert(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_defines_no_copy_of_a_uft_function(path):
+def test_notebook_defines_no_copy_of_a_project_function(path):
     nb = nbformat.read(path, as_version=4)
     defined = {node.name for source in code_cells(nb) for node in ast.walk(ast.parse(source))
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-    assert not defined & UFT_PUBLIC, f"redefines uft.{sorted(defined & UFT_PUBLIC)}: import it instead"
-    assert any("import uft" in source for source in code_cells(nb))
+    copies = sorted(f"{module}.{name}" for module, names in PUBLIC.items() for name in defined & names)
+    assert not copies, f"redefines {copies}: import it instead"
+    imported = {alias.name for source in code_cells(nb) for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for source in code_cells(nb) for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported & set(PUBLIC), f"imports none of {sorted(PUBLIC)}"
+
+
+def test_the_no_copy_check_knows_each_modules_functions():
+    """A guard for the check above: each module's own functions are in its set, imported ones are not."""
+    assert {"generate", "rl_loss", "Batch"} <= PUBLIC["uft"]
+    assert {"top_eta_groups", "worst_group_loss", "train_step"} <= PUBLIC["sft_go"]
+    assert {"countdown_reward", "solve_countdown", "Task", "reward"} <= PUBLIC["tasks"]
+    assert {"widen", "load_pretrained", "make_optimizer"} <= PUBLIC["common"]
+    assert "Path" not in PUBLIC["tasks"] and "Fraction" not in PUBLIC["tasks"] and "Counter" not in PUBLIC["sft_go"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

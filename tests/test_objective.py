@@ -197,3 +197,174 @@ def test_shared_prompt_scoring_refuses_groups_with_different_prompts(tokenizer, 
     batch = grouped_batch(tokenizer)                  # two groups of 3 rows
     with pytest.raises(ValueError, match="do not share their prompt"):
         uft.score(llama, batch, 1.0, len(tokenizer), group_size=2)
+
+
+# --- rl_loss, the k3 clamp and the clip fraction against hand arithmetic ------------------------------------
+
+def rl_case():
+    """2 rows x 3 response tokens (the last of row 1 masked), advantages (+1, -1), eps 0.2.
+
+    log-ratios logp - old_logp:  row 0 (0.0, 0.3, -0.5): ratio 1, e^.3 = 1.35 > 1.2 (clipped: A > 0), e^-.5 = 0.61
+                                 (below 0.8 but A > 0: not clipped); row 1 (-0.5, 0.1, [0.7]): e^-.5 < 0.8
+                                 (clipped: A < 0), e^.1 = 1.11 inside.
+    x = ref_logp - logp:         row 0 (0, 0.5, -0.4); row 1 (1, 3 (k3 = e^3 - 4 = 16.1, clamped to 10), [5]).
+    hint: 2 columns, row 1's first masked.
+    """
+    f = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    logp = f([[-1.0, -0.5, -2.0], [-1.7, -3.5, -6.0]]).requires_grad_()
+    old = f([[-1.0, -0.8, -1.5], [-1.2, -3.6, -6.7]])
+    ref = f([[-1.0, 0.0, -2.4], [-0.7, -0.5, -1.0]])
+    entropy = f([[1.0, 2.0, 0.5], [1.5, 0.25, 100.0]]).requires_grad_()
+    hint_logp = f([[-0.4, -1.6], [-3.0, -0.9]]).requires_grad_()
+    response_mask = torch.tensor([[True, True, True], [True, True, False]])
+    hint_mask = torch.tensor([[True, True], [False, True]])
+    return logp, old, ref, entropy, hint_logp, response_mask, hint_mask, f([1.0, -1.0])
+
+
+COEFS = dict(epsilon=0.2, beta=0.1, entropy_coef=0.01, sft_loss_coef=0.5)
+e = math.exp
+# per unmasked response token, in order (0,0) (0,1) (0,2) (1,0) (1,1):
+PG = [-1.0,                # -min(1 * 1, 1 * 1)
+      -1.2,                # -min(e^.3, 1.2): the clipped branch
+      -e(-0.5),            # -min(e^-.5, 0.8): the unclipped branch
+      0.8,                 # -min(-e^-.5, -0.8): the clipped branch
+      e(0.1)]              # -min(-e^.1, -e^.1)
+KL = [0.0, e(0.5) - 1.5, e(-0.4) + 0.4 - 1, e(1.0) - 2, 10.0]
+ENT = [1.0, 2.0, 0.5, 1.5, 0.25]
+HINT_NLL_SUM = 0.4 + 1.6 + 0.9                     # row 1's -3.0 is masked
+
+
+def test_rl_loss_matches_hand_arithmetic():
+    logp, old, ref, entropy, hint_logp, rmask, hmask, adv = rl_case()
+    loss, terms = uft.rl_loss(logp, old, ref, entropy, hint_logp, rmask, hmask, adv, **COEFS)
+    n, n_h = 5, 3
+    assert terms["pg_loss"] == pytest.approx(sum(PG) / n, rel=1e-6)
+    assert terms["kl"] == pytest.approx(sum(KL) / n, rel=1e-6)
+    assert terms["entropy"] == pytest.approx(sum(ENT) / n, rel=1e-6)
+    assert terms["clip_fraction"] == pytest.approx(2 / n)
+    assert terms["hint_nll"] == pytest.approx(HINT_NLL_SUM / n_h, rel=1e-6)
+    expected = (sum(PG) + 0.1 * sum(KL) - 0.01 * sum(ENT)) / n + 0.5 * HINT_NLL_SUM / n_h
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    loss.backward()
+    # d/dlogp: PG -A * ratio where unclipped, 0 where clipped; KL beta (1 - e^x) where unclamped, 0 past the clamp
+    grad = [[-1.0 + 0.1 * (1 - 1), 0.0 + 0.1 * (1 - e(0.5)), -e(-0.5) + 0.1 * (1 - e(-0.4))],
+            [0.0 + 0.1 * (1 - e(1.0)), e(0.1) + 0.0, 0.0]]
+    torch.testing.assert_close(logp.grad, torch.tensor(grad, dtype=torch.float64) / n)
+    torch.testing.assert_close(entropy.grad, -0.01 * rmask.double() / n)
+    torch.testing.assert_close(hint_logp.grad, -0.5 * hmask.double() / n_h)
+
+
+def test_rl_loss_divides_by_the_given_token_counts():
+    """A micro-batch of a larger mini-batch: the sums are the same, the denominators are the mini-batch's."""
+    logp, old, ref, entropy, hint_logp, rmask, hmask, adv = rl_case()
+    loss, terms = uft.rl_loss(logp, old, ref, entropy, hint_logp, rmask, hmask, adv, **COEFS,
+                              n_response=10, n_hint=6)
+    assert loss.item() == pytest.approx((sum(PG) + 0.1 * sum(KL) - 0.01 * sum(ENT)) / 10 + 0.5 * HINT_NLL_SUM / 6,
+                                        rel=1e-9)
+    assert terms["pg_loss"] == pytest.approx(sum(PG) / 10, rel=1e-6)
+    assert terms["kl"] == pytest.approx(sum(KL) / 10, rel=1e-6)
+    assert terms["clip_fraction"] == pytest.approx(2 / 10)
+    assert terms["hint_nll"] == pytest.approx(HINT_NLL_SUM / 6, rel=1e-6)
+
+
+def test_rl_loss_without_reference_or_hint_term():
+    logp, old, _, entropy, hint_logp, rmask, hmask, adv = rl_case()
+    loss, terms = uft.rl_loss(logp, old, None, entropy, hint_logp, rmask, hmask, adv,
+                              **dict(COEFS, sft_loss_coef=0.0))
+    assert "kl" not in terms and "hint_nll" not in terms
+    assert loss.item() == pytest.approx((sum(PG) - 0.01 * sum(ENT)) / 5, rel=1e-9)
+    loss, _ = uft.rl_loss(logp, old, None, entropy, hint_logp, rmask, hmask, adv, **dict(COEFS, entropy_coef=0.0))
+    assert loss.item() == pytest.approx(sum(PG) / 5 + 0.5 * HINT_NLL_SUM / 3, rel=1e-9)
+
+
+def kl_at(x):
+    """k3 and its gradient with respect to logp at x = ref_logp - logp (logp = 0)."""
+    logp = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    value = uft.kl_k3(logp, torch.tensor([x], dtype=torch.float64))
+    value.sum().backward()
+    return value.item(), logp.grad.item()
+
+
+def test_kl_k3_clamps_at_ten_with_no_gradient_past_it():
+    value, grad = kl_at(3.0)                      # e^3 - 4 = 16.1
+    assert value == 10.0 and grad == 0.0
+    value, grad = kl_at(2.0)                      # just inside: e^2 - 3 = 4.39
+    assert value == pytest.approx(math.exp(2) - 3, rel=1e-12)
+    assert grad == pytest.approx(-(math.exp(2) - 1), rel=1e-12)   # d/dlogp (e^x - x - 1) = -(e^x - 1)
+    value, grad = kl_at(2.6)                      # e^2.6 - 3.6 = 9.86: still below the clamp
+    assert value == pytest.approx(math.exp(2.6) - 3.6, rel=1e-12) and grad != 0.0
+    for x in (-1.0, -5.0, -10.0):                 # the lower side grows like -x: unclamped for moderate x
+        value, grad = kl_at(x)
+        assert value == pytest.approx(math.exp(x) - x - 1, rel=1e-12)
+        assert grad == pytest.approx(1 - math.exp(x), rel=1e-12)
+    assert kl_at(-12.0) == (10.0, 0.0)            # e^-12 + 11 > 10: clamped too
+    assert math.isfinite(kl_at(80.0)[0]) and kl_at(80.0) == (10.0, 0.0)
+
+
+def test_clipped_fraction_flags_exactly_the_active_clips():
+    eps = 0.2
+    d = torch.tensor([[0.3, -0.3, 0.1, 0.0],      # A > 0: only ratio e^.3 > 1.2 is clipped (e^-.3 < .8 is not)
+                      [0.3, -0.3, -0.1, 0.0],     # A < 0: only ratio e^-.3 < 0.8 is clipped
+                      [0.3, -0.3, 0.1, 0.0]])     # A = 0: nothing
+    old = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([[1.0], [-2.0], [0.0]])
+    flagged = uft.clipped_fraction(old + d, old, adv, eps)
+    assert flagged.tolist() == [[True, False, False, False], [False, True, False, False], [False] * 4]
+    logp = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    assert not uft.clipped_fraction(logp, logp, torch.randn(5, 1), eps).any()   # one update: ratio 1
+
+
+def test_clipped_tokens_are_the_ones_without_a_policy_gradient():
+    g = torch.Generator().manual_seed(2)
+    old = torch.randn(6, 9, generator=g)
+    logp = (old + 0.4 * torch.randn(6, 9, generator=g)).requires_grad_()
+    adv = torch.randn(6, 1, generator=g)
+    uft.policy_gradient_loss(logp, old, adv, 0.2).sum().backward()
+    flagged = uft.clipped_fraction(logp.detach(), old, adv, 0.2)
+    assert 0 < int(flagged.sum()) < flagged.numel()
+    assert torch.equal(flagged, logp.grad == 0)
+
+
+def test_kl_k3_gradient_stays_finite_far_past_the_clamp():
+    logp = torch.zeros(2, requires_grad=True)                     # float32, as score returns
+    value = uft.kl_k3(logp, torch.tensor([50.0, 100.0]))
+    value.sum().backward()
+    assert value.tolist() == [10.0, 10.0]
+    assert torch.equal(logp.grad, torch.zeros(2))
+
+
+def plain_rows(batch, index):
+    """The plain version of Batch.rows: every tensor sliced by rows, the whole batch's widths kept."""
+    return uft.Batch(batch.ids[index], batch.attention[index], batch.target_mask[index], batch.hint_mask[index],
+                     batch.advantages[index])
+
+
+@pytest.mark.parametrize("index, G", [([3, 4, 5], 3), ([0, 1, 2], 3), ([1, 5], 1), ([4, 0, 2], 1)])
+def test_cut_rows_score_like_plain_slicing(tokenizer, llama, index, G):
+    """score on batch.rows(index) equals score on x[index] after aligning columns ([:, :L] targets,
+    [:, -H:] hints), gradients included; the columns the cut drops hold no masked token."""
+    batch, V, index = grouped_batch(tokenizer), len(tokenizer), torch.tensor(index)
+    results = []
+    for part in (batch.rows(index), plain_rows(batch, index)):
+        llama.zero_grad()
+        hint_logp, logp, entropy = uft.score(llama, part, 0.9, V, with_entropy=True, group_size=G)
+        weights = torch.arange(1.0, 1.0 + logp.shape[1])              # unequal weights per column
+        (uft.masked_sum(logp * weights, part.target_mask) + uft.masked_sum(hint_logp, part.hint_mask)
+         - uft.masked_sum(entropy, part.target_mask)).backward()
+        results.append((part, hint_logp.detach(), logp.detach(), entropy.detach(),
+                        [p.grad.clone() for p in llama.parameters()]))
+    (cut, h_cut, lp_cut, ent_cut, g_cut), (plain, h_plain, lp_plain, ent_plain, g_plain) = results
+    L, H = cut.target_mask.shape[1], cut.hint_mask.shape[1]
+    assert cut.ids.shape[1] < plain.ids.shape[1]                     # the cut really drops columns
+    assert not plain.target_mask[:, L:].any() and not plain.hint_mask[:, : plain.hint_mask.shape[1] - H].any()
+    assert torch.equal(cut.target_mask, plain.target_mask[:, :L])
+    assert torch.equal(cut.hint_mask, plain.hint_mask[:, plain.hint_mask.shape[1] - H:])
+    assert torch.equal(cut.advantages, plain.advantages)
+    torch.testing.assert_close(lp_cut * cut.target_mask, (lp_plain * plain.target_mask)[:, :L], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_cut * cut.target_mask, (ent_plain * plain.target_mask)[:, :L],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_cut * cut.hint_mask, (h_plain * plain.hint_mask)[:, h_plain.shape[1] - H:],
+                               atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_cut, g_plain):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+    llama.zero_grad()

@@ -167,3 +167,75 @@ def test_sample_next_draws_from_the_filtered_softmax():
     counts = torch.bincount(uft.sample_next(rows, T, 3, 1.0, g), minlength=8).double()
     p3 = (logits[:3] / T).softmax(-1).double()
     assert counts[3:].sum() == 0 and ((counts[:3] / n - p3).abs() <= 4 * (p3 * (1 - p3) / n).sqrt()).all()
+
+
+# --- each speed device equals its plain version ---------------------------------------------------------------
+
+def early_stopping(model, tokenizer, prompts, max_new_tokens):
+    """Stop ids that end some rows early: tokens greedy emits at step 2 of row 0 and step 4 of row 2."""
+    free = uft.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0)
+    return [free.ids[0, 1].item(), free.ids[2, 3].item()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dropping_finished_rows_changes_no_output(tokenizer, arch, monkeypatch):
+    """DROP_FINISHED = 0 drops finished rows at every step, inf never: ids, lengths, finished and log-probs agree."""
+    model = (make_llama if arch == "llama" else make_gpt2)(tokenizer, seed=8)
+    prompts = encode(tokenizer, PROMPTS)
+    assert len(set(map(len, prompts))) > 1                     # different prompt lengths: left padding
+    model.generation_config.eos_token_id = early_stopping(model, tokenizer, prompts, 12)
+    real_drop, dropped = uft.drop_finished, []
+
+    def spy(cache, live, *rows):
+        dropped.append(int((~live).sum()))
+        return real_drop(cache, live, *rows)
+    monkeypatch.setattr(uft, "drop_finished", spy)
+    outs = {}
+    try:
+        for threshold in (0.0, float("inf")):
+            monkeypatch.setattr(uft, "DROP_FINISHED", threshold)
+            dropped.clear()
+            outs[threshold] = uft.generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=12,
+                                           temperature=0)
+            outs[threshold, "dropped"] = sum(dropped)
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    now, never = outs[0.0], outs[float("inf")]
+    assert outs[float("inf"), "dropped"] == 0 and outs[0.0, "dropped"] > 0      # the device really ran
+    assert never.finished.any() and not never.finished.all()                   # some rows stopped early
+    assert never.lengths.min() < never.lengths.max()
+    for name in ("prompt_index", "ids", "lengths", "finished"):
+        assert torch.equal(getattr(now, name), getattr(never, name)), name
+    # a smaller batch may round differently (GPT-2: 1e-6): equal up to float32 rounding, not bit for bit
+    torch.testing.assert_close(now.logprobs, never.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def chi_square(counts: torch.Tensor, p: torch.Tensor) -> float:
+    n, keep = counts.sum(), p > 0
+    return float(((counts[keep] - n * p[keep]) ** 2 / (n * p[keep])).sum())
+
+
+def test_inverse_cdf_draws_like_multinomial():
+    """Both samplers match the probabilities (chi-square, 4 classes: 3 degrees of freedom, 99.9% at 16.3);
+    zero-probability ids (first, middle, last) never appear; each row follows its own distribution."""
+    p = torch.tensor([0.0, 0.1, 0.35, 0.0, 0.05, 0.5, 0.0])
+    q = torch.tensor([0.25, 0.0, 0.0, 0.25, 0.0, 0.0, 0.5])
+    n = 20_000
+    probs = torch.stack([p, q]).repeat(n, 1)                               # rows alternate p, q
+    draws = {"inverse_cdf": uft.draw_inverse_cdf(probs, torch.Generator().manual_seed(0)),
+             "multinomial": torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0)).squeeze(-1)}
+    for name, ids in draws.items():
+        assert ids.shape == (2 * n,) and ids.dtype == torch.long, name
+        for row, dist in ((0, p), (1, q)):
+            counts = torch.bincount(ids[row::2], minlength=7).double()
+            assert (counts[dist == 0] == 0).all(), (name, row, counts)
+            assert chi_square(counts, dist.double()) < 20.0, (name, row, counts)
+
+
+def test_inverse_cdf_takes_unnormalised_rows_and_a_one_hot_row():
+    g = torch.Generator().manual_seed(3)
+    one_hot = torch.tensor([[0.0, 0.0, 1.0, 0.0]]).repeat(500, 1)
+    assert (uft.draw_inverse_cdf(one_hot, g) == 2).all()
+    weights = torch.tensor([[2.0, 0.0, 6.0]]).repeat(20_000, 1)            # p = (1/4, 0, 3/4)
+    counts = torch.bincount(uft.draw_inverse_cdf(weights, g), minlength=3).double()
+    assert counts[1] == 0 and chi_square(counts, torch.tensor([0.25, 0.0, 0.75], dtype=torch.double)) < 11.0

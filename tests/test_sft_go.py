@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sft_go
+import tasks
 import uft
 from conftest import CORPUS, make_llama
 
@@ -286,16 +287,19 @@ def test_rows_from_alpaca_and_prompt_response_records():
     assert sft_go.as_sft_row({"prompt": "q", "text": "a"}) is None
 
 
-@pytest.mark.skipif(not hasattr(uft, "answer_token_ids"), reason="countdown section not in uft.py yet")
 def test_countdown_answers_are_tokenised_like_uft_and_offsets_cover_the_text(tokenizer):
-    rows = [sft_go.as_sft_row(r) for r in uft.generate_countdown(3, seed=0)]
+    rows = [sft_go.as_sft_row(r) for r in tasks.generate_countdown(3, seed=0)]
     enc = sft_go.encode_rows(tokenizer, rows, 256, 256)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]   # noqa: E731
     for row, ids, offsets in zip(rows, enc.responses, enc.offsets):
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]   # noqa: E731
-        assert ids == uft.answer_token_ids(row, encode) + [tokenizer.eos_token_id]
+        assert ids == tasks.answer_token_ids(row, encode) + [tokenizer.eos_token_id]
         assert "".join(row["response"][a:b] for a, b in offsets) == row["response"]   # contiguous spans
         assert [tokenizer.decode([i]) for i in ids[:-1]] == [row["response"][a:b] for a, b in offsets[:-1]]
         assert offsets[-1] == (len(row["response"]),) * 2                            # EOS: an empty span
+    # a response that does not start with its hint fragments is tokenised whole
+    row = {"prompt": "q", "response": "12 + 7 = 19", "hint": ["7 + 12"]}
+    assert sft_go.encode_rows(tokenizer, [row], 64, 64).responses[0] == encode("12 + 7 = 19") + [
+        tokenizer.eos_token_id]
 
 
 def test_a_file_without_responses_names_the_file_and_columns(tmp_path):
@@ -371,6 +375,7 @@ def test_a_few_steps_of_each_variant_train_and_write_the_run_folder(variant, tin
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     for m in metrics[1:]:
         assert math.isfinite(m["loss"]) and 0 < m["important_fraction"] < 1
+        assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
         assert {"ce", "loss_important", "loss_unimportant", "worst_group", "worst_switches", "lam"} <= m.keys()
     assert {"eval_ce", "eval_loss_important", "eval_loss_unimportant"} <= metrics[-1].keys()
     if variant == "rho1":
@@ -404,7 +409,6 @@ def test_a_reference_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
     assert "cannot be aligned" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not hasattr(uft, "countdown_split"), reason="countdown section not in uft.py yet")
 def test_countdown_rows_are_scored_by_greedy_accuracy(tiny, tmp_path):
     flags = run_flags(tiny, tmp_path, "--loss", "go", "--max_completion_length", "4")
     flags[flags.index("--data") + 1] = "countdown"
@@ -420,3 +424,19 @@ def test_cosine_learning_rate_decays_over_the_run(tiny, tmp_path):
     lrs = [m["lr"] for m in uft.read_jsonl(out / "metrics.jsonl") if "lr" in m]
     T, peak = 3, 1e-2
     assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * t / T)) for t in range(1, T + 1)])
+
+
+def test_plot_losses_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend must survive a run: losses.png is drawn without pyplot."""
+    import matplotlib
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")       # any backend but Agg, which plotting used to force
+    try:
+        metrics = [{"step": t, "ce": 2.0 / (t + 1), "loss_important": 3.0 / (t + 1), "loss_unimportant": 1.0,
+                    "eval_ce": 2.0, "eval_loss_important": 3.0, "eval_loss_unimportant": 1.0,
+                    "eval_accuracy": 0.1 * t} for t in range(3)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        assert sft_go.plot_losses(tmp_path).stat().st_size > 1000
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

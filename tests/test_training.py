@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import common
+import tasks
 import uft
 from conftest import make_llama
 
@@ -14,8 +16,8 @@ TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama with a tokenizer trained on countdown text, saved like a user's model folder."""
-    rows = uft.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
-    tok = uft.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
+    rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
+    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
     folder = tmp_path_factory.mktemp("tiny-countdown")
     make_llama(tok, seed=0).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -30,7 +32,7 @@ def flags(model_dir, out, *extra):
 
 
 def metrics_of(out):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in uft.read_jsonl(out / "metrics.jsonl")]
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in common.read_jsonl(out / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("algo", list(uft.ALGOS))
@@ -45,7 +47,7 @@ def test_every_algo_trains_and_writes_a_complete_run_folder(tiny_dir, tmp_path, 
     after, _ = uft.load_model(str(out / "checkpoint"), device="cpu")
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
     assert sum(changed) > len(changed) // 2
-    metrics = uft.read_jsonl(out / "metrics.jsonl")
+    metrics = common.read_jsonl(out / "metrics.jsonl")
     steps = 6 if algo == "sft-rft" else 4          # sft-rft: 2 SFT steps, then as many RL steps as rft (T = 4)
     assert [m["step"] for m in metrics] == list(range(steps + 1))
     assert "eval_accuracy" in metrics[0] and "eval_accuracy" in metrics[-1]
@@ -132,31 +134,50 @@ def test_missing_model_is_one_line_not_a_traceback(tmp_path, capsys):
     assert err.startswith("error:") and "no such folder" in err and len(err.splitlines()) == 1
 
 
-def test_rows_for_step_covers_each_epoch_once():
-    seen = [i for step in range(1, 6) for i in uft.rows_for_step(10, 4, step, seed=0)]
-    assert sorted(seen[:8] + seen[8:10]) == list(range(10))       # first epoch: every row once
-    assert uft.rows_for_step(10, 4, 3, seed=0) == uft.rows_for_step(10, 4, 3, seed=0)
-    assert uft.rows_for_step(10, 4, 1, seed=0) != uft.rows_for_step(10, 4, 1, seed=1)
-
-
 def test_sft_targets_are_answer_plus_eos_and_hints_are_their_prefix(tiny_dir):
     model, tok = uft.load_model(str(tiny_dir), device="cpu")
-    row = uft.generate_countdown(1, seed=3)[0]
-    run = uft.Run(None, model, tok, None, None, None, [], [], None, None, None)
-    batch = uft.sft_batch(run, [row])
+    row = tasks.generate_countdown(1, seed=3)[0]
+    batch = uft.sft_batch(tok, [row])
     target = batch.ids[0, -batch.target_mask.shape[1]:][batch.target_mask[0]].tolist()
     assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == row["answer"]
-    hint_ids = [t for f in row["hint"][:2] for t in run.encode(f)]
+    run = uft.Run(args=None, model=model, tokenizer=tok, ref=None, optimizer=None, scheduler=None, train_rows=[],
+                  test_rows=[], rng=None, generator=None, out=None)
+    hint_ids = [t for f in row["hint"][:2] for t in run.encode(f)]       # how a rollout encodes a hint
     assert target[: len(hint_ids)] == hint_ids
+    assert uft.sft_batch(tok, [row], encode=run.encode).ids.tolist() == batch.ids.tolist()   # the run's cache
+
+
+def test_sft_update_is_the_token_mean_nll_whatever_the_micro_batch_size(tokenizer):
+    """One optimizer step on the mean NLL of all answer tokens: micro-batches of 1 row and one pass agree."""
+    rows = [{"question": f"{a} + {b} =", "answer": f" {a + b}" + "\nthe answer is <answer> 7 </answer>" * (a % 3)}
+            for a, b in [(3, 4), (12, 9), (25, 1), (7, 7)]]
+    batch, V = uft.sft_batch(tokenizer, rows), len(tokenizer)
+    assert len(set(batch.target_mask.sum(-1).tolist())) > 1                 # answers of different lengths
+    results = []
+    for size in (1, len(rows)):
+        model = make_llama(tokenizer, seed=0)
+        with torch.no_grad():
+            _, logp, _ = uft.score(model, batch, 1.0, V)
+        nll = float(-logp[batch.target_mask].sum() / batch.target_mask.sum())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        metrics = uft.sft_update(model, batch, V, optimizer, micro_batch_size=size, max_grad_norm=1e9, step=1)
+        assert metrics["loss"] == pytest.approx(nll, rel=1e-5) and metrics["updates"] == 1
+        assert all(p.grad is None for p in model.parameters())                 # the step cleared them
+        results.append((metrics["grad_norm"], [p.detach().clone() for p in model.parameters()]))
+    (norm_1, weights_1), (norm_all, weights_all) = results
+    assert norm_1 == pytest.approx(norm_all, rel=1e-4)
+    assert not all(torch.equal(a, b) for a, b in zip(weights_1, make_llama(tokenizer, seed=0).parameters()))
+    for a, b in zip(weights_1, weights_all):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_data_file_of_the_released_schema_trains_and_a_bad_row_is_named(tiny_dir, tmp_path, capsys):
-    rows = uft.generate_countdown(30, seed=9, min_nums=3, max_nums=3)
+    rows = tasks.generate_countdown(30, seed=9, min_nums=3, max_nums=3)
     good = tmp_path / "rows.jsonl"
     good.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "from-file"
     assert uft.main(flags(tiny_dir, out, "--algo", "uft", "--data", str(good), "--T", "1", "--T_hint", "1")) == 0
-    assert len(uft.read_jsonl(out / "metrics.jsonl")) == 2
+    assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
     bad = tmp_path / "bad.jsonl"
     broken = [dict(r) for r in rows]
     del broken[4]["target"]
@@ -170,7 +191,7 @@ def test_learning_rate_schedule_counts_training_steps_not_optimizer_updates(tiny
     """batch 2 / mini-batch 1 = two optimizer updates a step; the cosine still spans exactly T steps."""
     out = tmp_path / "cosine"
     assert uft.main(flags(tiny_dir, out, "--algo", "rft", "--lr_scheduler", "cosine", "--warmup_ratio", "0.25")) == 0
-    lrs = [m["lr"] for m in uft.read_jsonl(out / "metrics.jsonl") if "lr" in m]
+    lrs = [m["lr"] for m in common.read_jsonl(out / "metrics.jsonl") if "lr" in m]
     T, peak, warmup = 4, 1e-3, 1
     # after step t the scheduler has taken t steps: warm-up for the first, then cosine over the remaining T - 1
     expected = [peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (T - warmup))) for t in range(1, T + 1)]
