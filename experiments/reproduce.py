@@ -73,8 +73,9 @@ GRIDS = {
 def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tuple[list[str], Path]:
     g = GRIDS[grid]
     out = RUNS / grid / cell / f"seed{seed}"
-    flags = [*COMMON, *g["flags"], *model_flags, *g["cells"][cell], "--seed", str(seed), "--output_dir", str(out)]
-    return [sys.executable, str(ROOT / "uft.py"), *flags], out
+    shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)    # commands read as typed
+    flags = [*COMMON, *g["flags"], *model_flags, *g["cells"][cell], "--seed", str(seed), "--output_dir", shown]
+    return [sys.executable, "uft.py", *flags], out
 
 
 def run_one(cmd: list[str], out: Path) -> str:
@@ -82,7 +83,7 @@ def run_one(cmd: list[str], out: Path) -> str:
     if (out / "done.json").exists():
         return f"skip {out}"
     if (out / "checkpoint" / "trainer_state.pt").exists():
-        cmd = [sys.executable, str(ROOT / "uft.py"), "--resume", str(out)]
+        cmd = [sys.executable, "uft.py", "--resume", str(out)]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
