@@ -1,0 +1,31 @@
+"""The experiments runner end to end on its tiny grid: runs, skips finished runs, writes a report and a plot."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import reproduce  # noqa: E402
+
+
+def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
+    assert reproduce.main(["quick", "--out", str(tmp_path), "--jobs", "2"]) == 0
+    runs = sorted((tmp_path / "runs" / "quick").glob("*/seed*/done.json"))
+    assert len(runs) == 4                                    # 2 cells x 2 seeds
+    done = json.loads(runs[0].read_text())
+    assert done["threads_per_process"] == 1 and done["torch"] and "uft.py" in done["command"]
+    assert not list((tmp_path / "runs" / "quick").glob("*/seed*/checkpoint"))   # only the metrics are kept
+    report = (tmp_path / "results" / "quick.md").read_text()
+    assert "Runs finished: 4 of 4" in report and "| uft vs |" in report and "Machine:" in report
+    assert (tmp_path / "results" / "quick.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert reproduce.main(["quick", "--out", str(tmp_path), "--jobs", "2"]) == 0   # a second sweep skips them
+    assert capsys.readouterr().out.count("skip ") == 4
+
+
+def test_pooled_comparison_pairs_seed_by_seed():
+    base = [{"test_rewards": [[1.0, 0.0, 0.1]]}, {"test_rewards": [[0.0, 0.0]]}]
+    ours = [{"test_rewards": [[1.0, 1.0, 1.0]]}, {"test_rewards": [[1.0, 0.1]]}]
+    c = reproduce.pooled_comparison(base, ours)
+    assert (c["n"], c["wins"], c["losses"]) == (5, 3, 0) and abs(c["gain"] - 0.6) < 1e-9
