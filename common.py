@@ -7,6 +7,7 @@ Nothing here is part of UFT or SFT-GO; `uft.load_model` adds the built-in base m
 from __future__ import annotations
 
 import copy
+import html
 import importlib.util
 import json
 import math
@@ -110,6 +111,17 @@ def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto",
                         f"embedding has {rows} rows; the tokenizer belongs to another model: "
                         "load both from the same folder")
     return net.to(dev), tok
+
+
+def check_offsets(tokenizer, what: str) -> None:
+    """Word-level scores need character offsets: only fast (Rust) tokenizers give them."""
+    try:
+        tokenizer("a b", add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        raise UserError(f"{what}: its tokenizer gives no offsets mapping (not a fast tokenizer), so its "
+                        "tokens cannot be aligned with words; use a model that ships a tokenizer.json"
+                        ) from None
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,6 +298,45 @@ def add_flags(parser, topic: str, flags: list[tuple]) -> None:
         if "action" not in options:
             options.setdefault("type", type(default))
         group.add_argument(f"--{name}", default=default, help=help_text, **options)
+
+
+def plot_panels(path: Path, panels: list[tuple[str, list]], width: float = 4.3) -> Path:
+    """A PNG of side-by-side line plots over training steps, without pyplot (a notebook keeps its backend).
+
+    panels: [(title, [(label, [(step, value), ...], matplotlib line options), ...]), ...]; empty series skip.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * len(panels), 3.5))
+    for ax, (title, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        drawn = [(label, points, style) for label, points, style in series if points]
+        for label, points, style in drawn:
+            ax.plot(*zip(*points), label=label, **style)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(drawn) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def highlighted_html(title: str, caption: str, rows: list[tuple[str, list[tuple[str, bool, str]]]]) -> str:
+    """An HTML page of prompts, each followed by its response's tokens: rows = [(prompt, [(token text,
+    highlighted?, hover text), ...]), ...]. Newlines show as a return sign and a line break."""
+    parts = [f"<h2>{html.escape(title)}</h2>", f"<p>{caption}</p>"]
+    for prompt, tokens in rows:
+        spans = "".join(f"<span class={'imp' if marked else 'un'} title='{html.escape(hover)}'>"
+                        f"{html.escape(text).replace(chr(10), '&#9166;<br>')}</span>"
+                        for text, marked, hover in tokens)
+        parts.append(f"<div class=row><pre class=prompt>{html.escape(prompt)}</pre>"
+                     f"<div class=resp>{spans}</div></div>")
+    style = ("<style>body{font-family:sans-serif;max-width:60em}.row{border-top:1px solid #ccc;"
+             "padding:.5em 0}.prompt{color:#888;white-space:pre-wrap}"
+             ".resp{font-family:monospace;white-space:pre-wrap}.imp{background:#ffb347}.un{background:#eef}"
+             "</style>")
+    return f"<html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>"
 
 
 def quiet_libraries() -> None:

@@ -12,13 +12,11 @@ plain-CE baselines, and a trainer that writes a run folder. The method is docume
 micro-batches and the optimizer from common.py; countdown and its answer pieces from tasks.py.
 
 Run:
-    python sft_go.py            # CPU, ~5-10 min: plain SFT, then SFT-GO (TF-IDF), same seed and budget,
-                                # on the built-in model and countdown; prints accuracy, per-group losses
+    python sft_go.py            # CPU, ~5-10 min: plain SFT, then SFT-GO (TF-IDF), same seed and budget
     python sft_go.py --loss go --grouping excess          # excess-loss groups (builds a cached reference)
     python sft_go.py --loss ce,go,rho1 --grouping random  # the random-group control and Rho-1
-    python sft_go.py --model meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16 \\
-        --data alpaca.jsonl --loss ce,go --grouping classifier \\
-        --classifier microsoft/llmlingua-2-xlm-roberta-large-meetingbank \\
+    python sft_go.py --model meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16 --data alpaca.jsonl \\
+        --loss ce,go --grouping classifier --classifier microsoft/llmlingua-2-xlm-roberta-large-meetingbank \\
         --learning_rate 1e-5 --T 1000 --batch_size 64 --micro_batch_size 8    # one GPU, a hub model
     python sft_go.py --help     # every flag with its default
 """
@@ -28,7 +26,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import html
 import json
 import math
 import random
@@ -41,65 +38,24 @@ from pathlib import Path
 import torch
 
 import uft
-from common import (UserError, add_flags, append_jsonl, backward, make_optimizer, micro_batches,
-                    optimizer_step, read_jsonl, rows_for_step, save_atomically, widen)
-from tasks import answer_pieces, countdown_split
+from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,
+                    make_optimizer, micro_batches, optimizer_step, plot_panels, read_jsonl, rows_for_step,
+                    save_atomically, widen)
+from tasks import answer_pieces, as_sft_row, countdown_split, load_sft_rows
 from uft import DEFAULT_CACHE, Batch, load_model, make_batch, score, sft_update
 
 UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding: -1
-LOSSES = ("ce", "go", "rho1")
-GROUPINGS = ("tfidf", "excess", "classifier", "random")
+LOSSES, GROUPINGS = ("ce", "go", "rho1"), ("tfidf", "excess", "classifier", "random")
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exp")
 EXP_DECAY_RATE = 5.0    # 'exp' schedule: lam0 * exp(-5 t / T), i.e. lam is 0.7% of lam0 at the end
 WORD = re.compile(r"\w+|[^\w\s]")   # a word: a run of letters/digits/_ or one punctuation mark
 
-# --- Data: rows {prompt, response} from built-in countdown, JSONL/JSON/parquet, Alpaca records ----
-
-PROMPT_KEYS = ("prompt", "question", "instruction")
-RESPONSE_KEYS = ("response", "answer", "output", "completion")
-
-
-def as_sft_row(record: dict) -> dict | None:
-    """Add `prompt` and `response` to a record; None if it has no response text.
-
-    Alpaca records (instruction, input, output) get a plain instruction/response template.
-    >>> as_sft_row({"instruction": "Add.", "input": "2 3", "output": "5"})["prompt"]
-    '### Instruction:\\nAdd.\\n\\n### Input:\\n2 3\\n\\n### Response:\\n'
-    """
-    response = next((record[k] for k in RESPONSE_KEYS if isinstance(record.get(k), str)), None)
-    if not response:
-        return None
-    if "instruction" in record and "prompt" not in record and "question" not in record:
-        extra = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
-        prompt = f"### Instruction:\n{record['instruction']}\n\n{extra}### Response:\n"
-    else:
-        prompt = next((record[k] for k in PROMPT_KEYS if isinstance(record.get(k), str)), "")
-    return {**record, "prompt": prompt, "response": response}
-
-
-def load_sft_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl, .json or .parquet file; a file without a response column is a UserError."""
-    p = Path(path)
-    if p.suffix == ".parquet":
-        import datasets
-        records = list(datasets.Dataset.from_parquet(str(p)))
-    elif p.suffix == ".json":
-        records = json.loads(p.read_text())
-    else:
-        records = read_jsonl(p)
-    rows = [as_sft_row(r) for r in records]
-    if not records or any(r is None for r in rows):
-        found = ", ".join(sorted(records[0].keys())) if records else ""
-        raise UserError(f"{path}: no response text (need one of the columns {', '.join(RESPONSE_KEYS)} "
-                        f"with non-empty strings); columns found: {found or 'none (empty file)'}")
-    return rows
-
+# --- Data: rows {prompt, response} from built-in countdown or files (tasks.load_sft_rows) --------
 
 def load_rows(args) -> tuple[list[dict], list[dict]]:
     """(train, test) rows: the built-in countdown split, or --data (and --test_data) files."""
     if args.data == "countdown":
-        train, test = countdown_split(args.num_train, args.num_test, seed=args.seed,
-                                      min_nums=args.min_nums, max_nums=args.max_nums)
+        train, test = countdown_split(args.num_train, args.num_test, args.seed, args.min_nums, args.max_nums)
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     rows = load_sft_rows(args.data)
     if args.test_data:
@@ -139,16 +95,6 @@ def encode_rows(tokenizer, rows: list[dict], max_prompt: int, max_response: int,
         responses.append((ids + [tokenizer.eos_token_id])[:max_response])
         spans.append((offs + [(start, start)])[:max_response])          # EOS: an empty span at the end
     return Encoded([p[-max_prompt:] for p in prompts], responses, spans if offsets else [])
-
-
-def check_offsets(tokenizer, what: str) -> None:
-    """Word-level scores need character offsets: only fast (Rust) tokenizers give them."""
-    try:
-        tokenizer("a b", add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):
-        raise UserError(f"{what}: its tokenizer gives no offsets mapping (not a fast tokenizer), so its "
-                        "tokens cannot be aligned with words; use a model that ships a tokenizer.json"
-                        ) from None
 
 
 # --- Token importance (docs/method.md section 11): a score per response token, higher = important
@@ -588,57 +534,35 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
 
 
 def write_samples_html(run: GoRun, path: Path, num_samples: int = 6) -> Path:
-    """A page showing held-out responses with their important tokens highlighted (hover: score)."""
+    """A page showing held-out responses with their important tokens highlighted (hover: score, loss)."""
     rows = list(range(min(num_samples, len(run.rows["test"]))))
     batch = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
     run.model.eval()
     with torch.no_grad():
         losses, scores, groups = scored_groups(run, "test", rows, batch)
-    parts = [f"<h2>{html.escape(run.out.name)}: {grouping_of(run.args)[0]} groups, eta = {run.args.eta}</h2>",
-             "<p><span class=imp>important</span> tokens; hover a token for its score and loss.</p>"]
-    for r in rows:
-        spans = []
-        for t, tid in enumerate(run.enc["test"].responses[r]):
-            text = html.escape(run.tokenizer.decode([tid])).replace("\n", "&#9166;<br>")
-            cls = "imp" if groups[r, t] == IMPORTANT else "un"
-            spans.append(f"<span class={cls} title='score {float(scores[r, t]):.3f}, loss "
-                         f"{float(losses[r, t]):.3f}'>{text}</span>")
-        prompt = html.escape(run.rows["test"][r]["prompt"][-300:])
-        parts.append(f"<div class=row><pre class=prompt>{prompt}</pre>"
-                     f"<div class=resp>{''.join(spans)}</div></div>")
-    style = ("<style>body{font-family:sans-serif;max-width:60em}.row{border-top:1px solid #ccc;"
-             "padding:.5em 0}.prompt{color:#888;white-space:pre-wrap}"
-             ".resp{font-family:monospace;white-space:pre-wrap}.imp{background:#ffb347}.un{background:#eef}"
-             "</style>")
-    path.write_text(f"<html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>")
+    shown = [(run.rows["test"][r]["prompt"][-300:],
+              [(run.tokenizer.decode([tid]), bool(groups[r, t] == IMPORTANT),
+                f"score {float(scores[r, t]):.3f}, loss {float(losses[r, t]):.3f}")
+               for t, tid in enumerate(run.enc["test"].responses[r])]) for r in rows]
+    title = f"{run.out.name}: {grouping_of(run.args)[0]} groups, eta = {run.args.eta}"
+    caption = "<span class=imp>important</span> tokens; hover a token for its score and loss."
+    path.write_text(highlighted_html(title, caption, shown))
     return path
 
 
 def plot_losses(out: Path) -> Path:
-    """losses.png: training and held-out loss of each group over steps (and accuracy when measured)."""
-    from matplotlib.figure import Figure       # no pyplot: leaves the caller's (notebook's) backend alone
-
+    """losses.png: training and held-out loss of each group over steps, and held-out accuracy if measured."""
     metrics = read_jsonl(out / "metrics.jsonl")
-    fig = Figure(figsize=(12, 3.6))
-    axes = fig.subplots(1, 2)
-    for ax, prefix, title in [(axes[0], "", "training loss per group"),
-                              (axes[1], "eval_", "held-out loss per group")]:
-        for key, color in [("ce", "k"), ("loss_important", "tab:orange"), ("loss_unimportant", "tab:blue")]:
-            pts = [(m["step"], m[prefix + key]) for m in metrics if m.get(prefix + key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), color=color, label=key, marker="o" if prefix else None, lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center right" if prefix else "upper right")
-    acc = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
-    if acc:
-        twin = axes[1].twinx()
-        twin.plot(*zip(*acc), color="tab:green", ls="--", marker="s", label="accuracy")
-        twin.set_ylabel("accuracy", color="tab:green")
-    fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=90)
-    return out / "losses.png"
+
+    def per_group(prefix: str) -> list:
+        return [(key, [(m["step"], m[prefix + key]) for m in metrics if m.get(prefix + key) is not None],
+                 {"color": color, "lw": 1}) for key, color in
+                [("ce", "k"), ("loss_important", "tab:orange"), ("loss_unimportant", "tab:blue")]]
+    panels = [("training loss per group", per_group("")), ("held-out loss per group", per_group("eval_"))]
+    accuracy = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
+    if accuracy:
+        panels.append(("held-out accuracy", [("accuracy", accuracy, {"marker": "s", "color": "tab:green"})]))
+    return plot_panels(out / "losses.png", panels)
 
 
 def static_scores(args, tokenizer, rows: dict, enc: dict) -> dict | None:
@@ -731,32 +655,30 @@ def train(args, rows: dict | None = None) -> dict:
 # Every flag, by topic: (flag, default, help[, argparse options]) for common.add_flags, as in uft.py
 FLAGS = {
     "SFT-GO": [
-        ("loss", "ce,go", "comma-separated runs, trained in turn with the same seed and budget: ce (plain "
-                          "SFT), go (SFT-GO), rho1 (Rho-1: mean loss of the top-eta excess-loss tokens of "
-                          "the batch)"),
-        ("grouping", "tfidf", "token importance for go (and for the per-group losses logged by ce); rho1 "
-                              "uses excess", {"choices": GROUPINGS}),
+        ("loss", "ce,go", "comma-separated runs, in turn, same seed and budget: ce (plain SFT), go (SFT-GO), "
+                          "rho1 (Rho-1: mean loss of the batch's top-eta excess-loss tokens)"),
+        ("grouping", "tfidf", "token importance for go (and ce's logged group losses); rho1 uses excess",
+         {"choices": GROUPINGS}),
         ("eta", 0.3, "fraction of each response's tokens that is important (rho1: of the batch's tokens)"),
         ("lam", 0.9, "lambda: weight of the worst-group loss (0 = plain CE)"),
         ("lam_schedule", "constant", "lambda decay over T", {"choices": LAMBDA_SCHEDULES}),
         ("go_mode", "max", "hard max over groups, or online Group-DRO weights (ablation)",
          {"choices": ["max", "dro"]}),
         ("eta_q", 0.01, "Group-DRO step size of the group weights q"),
-        ("go_reduce", "batch", "group loss = token mean over the batch, or per sample then mean over "
-                               "samples", {"choices": ["batch", "per_sample"]}),
+        ("go_reduce", "batch", "group loss: token mean over the batch, or per sample then averaged",
+         {"choices": ["batch", "per_sample"]}),
         ("tfidf_unit", "token", "TF-IDF terms", {"choices": ["token", "word"]}),
-        ("ref_model", None, "excess-loss reference (a folder or hub id); default: the base model after "
-                            "--ref_steps of plain SFT, cached in --cache_dir", {"type": str}),
+        ("ref_model", None, "excess-loss reference (folder or hub id); default: the base model after "
+                            "--ref_steps of plain SFT (cached)", {"type": str}),
         ("ref_steps", 50, "plain-SFT steps of the default reference"),
-        ("classifier", None, "token-classification model for --grouping classifier, e.g. "
-                             "microsoft/llmlingua-2-xlm-roberta-large-meetingbank", {"type": str}),
+        ("classifier", None, "token-classification model for --grouping classifier (e.g. LLMLingua-2's)",
+         {"type": str}),
         ("classifier_label", 1, "the classifier's 'keep' label id"),
     ],
     "optimisation": [
         ("T", 500, "training steps"),
         ("batch_size", 64, "responses per step"),
-        ("micro_batch_size", 64, "rows per forward pass; smaller than batch_size accumulates gradients and "
-                                 "takes the worst group per micro-batch"),
+        ("micro_batch_size", 64, "rows per forward pass (fewer than batch_size: accumulated)"),
         ("learning_rate", 1e-3, "AdamW learning rate"),
         ("weight_decay", 0.01, "AdamW weight decay"),
         ("lr_scheduler", "cosine", "after warm-up", {"choices": ["constant", "cosine"]}),
@@ -764,8 +686,8 @@ FLAGS = {
         ("max_grad_norm", 1.0, "gradient-norm clip"),
     ],
     "data": [
-        ("data", "countdown", "'countdown' (built in) or a .jsonl/.json/.parquet file with prompt/response "
-                              "(or question/answer, or Alpaca instruction/input/output) columns"),
+        ("data", "countdown", "'countdown' or a .jsonl/.json/.parquet file: prompt/response, question/answer "
+                              "or Alpaca instruction/input/output columns"),
         ("test_data", None, "held-out file (default: the first num_test rows of --data)", {"type": str}),
         ("num_train", 20000, "training rows"),
         ("num_test", 200, "held-out rows"),

@@ -12,6 +12,7 @@ its reward, its row check for files, and its generator of (train, test) rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import operator
 import random
 import re
@@ -19,6 +20,8 @@ import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
+
+from common import UserError, read_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
 # Countdown: the released prompt, a solver, a generator, a loader, the released three-level reward
@@ -470,6 +473,50 @@ def answer_pieces(row: dict, key: str = "answer") -> list[str]:
 def answer_token_ids(row: dict, encode) -> list[int]:
     """Token ids of the answer, piece by piece (`answer_pieces`): every hint's tokens are a prefix of them."""
     return [t for piece in answer_pieces(row) for t in encode(piece)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Supervised rows (sft_go.py): {prompt, response} from JSONL/JSON/parquet files, Alpaca records included
+# ----------------------------------------------------------------------------------------------------------
+
+PROMPT_KEYS = ("prompt", "question", "instruction")
+RESPONSE_KEYS = ("response", "answer", "output", "completion")
+
+
+def as_sft_row(record: dict) -> dict | None:
+    """Add `prompt` and `response` to a record; None if it has no response text.
+
+    Alpaca records (instruction, input, output) get a plain instruction/response template.
+    >>> as_sft_row({"instruction": "Add.", "input": "2 3", "output": "5"})["prompt"]
+    '### Instruction:\\nAdd.\\n\\n### Input:\\n2 3\\n\\n### Response:\\n'
+    """
+    response = next((record[k] for k in RESPONSE_KEYS if isinstance(record.get(k), str)), None)
+    if not response:
+        return None
+    if "instruction" in record and "prompt" not in record and "question" not in record:
+        extra = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
+        prompt = f"### Instruction:\n{record['instruction']}\n\n{extra}### Response:\n"
+    else:
+        prompt = next((record[k] for k in PROMPT_KEYS if isinstance(record.get(k), str)), "")
+    return {**record, "prompt": prompt, "response": response}
+
+
+def load_sft_rows(path: str) -> list[dict]:
+    """Rows of a .jsonl, .json or .parquet file; a file without a response column is a UserError."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        import datasets
+        records = list(datasets.Dataset.from_parquet(str(p)))
+    elif p.suffix == ".json":
+        records = json.loads(p.read_text())
+    else:
+        records = read_jsonl(p)
+    rows = [as_sft_row(r) for r in records]
+    if not records or any(r is None for r in rows):
+        found = ", ".join(sorted(records[0].keys())) if records else ""
+        raise UserError(f"{path}: no response text (need one of the columns {', '.join(RESPONSE_KEYS)} "
+                        f"with non-empty strings); columns found: {found or 'none (empty file)'}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import common
 import tasks
 from common import (DTYPES, UserError, add_flags, append_jsonl, backward,  # noqa: F401
                     build_tokenizer, find_gguf_package_dir, frozen_copy, make_optimizer, mask_padded_vocab,
-                    micro_batches, optimizer_step, quiet_libraries, read_jsonl, rows_for_step,
+                    micro_batches, optimizer_step, plot_panels, quiet_libraries, read_jsonl, rows_for_step,
                     save_atomically, stop_token_ids, tiny_llama_config, widen)
 from tasks import (REWARD_CORRECT, answer_token_ids, countdown_question, countdown_reward,  # noqa: F401
                    countdown_split, countdown_validation, generate_countdown, load_task_rows, solve_countdown)
@@ -1020,23 +1020,12 @@ def run_summary(out: Path) -> dict:
 
 def plot_run(out: Path) -> Path:
     """plot.png: held-out accuracy, training reward and hint fraction over steps."""
-    from matplotlib.figure import Figure       # no pyplot: leaves the caller's (notebook's) backend alone
-
     metrics = read_jsonl(out / "metrics.jsonl")
-    fig = Figure(figsize=(13, 3.4))
-    axes = fig.subplots(1, 3)
-    for ax, key, title in zip(axes, ["eval_accuracy", "reward_mean", "hint_fraction"],
-                              ["held-out accuracy (greedy, no hint)", "training reward (mean)",
-                               "hint fraction p(t)"]):
-        pts = [(m["step"], m[key]) for m in metrics if key in m]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=90)
-    return out / "plot.png"
+    shown = [("eval_accuracy", "held-out accuracy (greedy, no hint)", {"marker": "o"}),
+             ("reward_mean", "training reward (mean)", {}), ("hint_fraction", "hint fraction p(t)", {})]
+    panels = [(title, [(key, [(m["step"], m[key]) for m in metrics if key in m], style)])
+              for key, title, style in shown]
+    return plot_panels(out / "plot.png", panels)
 
 
 # ----------------------------------------------------------------------------------------------------------
