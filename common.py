@@ -103,6 +103,10 @@ def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto",
                 if offline else "check the id and your connection, or pass a local folder")
         raise UserError(f"--model {model!r}: could not load it from the hub or disk ({hint}). "
                         f"[{type(err).__name__}: {str(err).splitlines()[0][:160]}]") from None
+    if gguf_file:     # the weights arrive de-quantised: drop the GGUF marker, or save_pretrained refuses them
+        net.hf_quantizer = None
+        if hasattr(net.config, "quantization_config"):
+            del net.config.quantization_config
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     rows = net.get_input_embeddings().weight.shape[0]

