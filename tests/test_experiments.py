@@ -17,11 +17,21 @@ def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert done["threads_per_process"] == 1 and done["torch"] and "uft.py" in done["command"]
     assert not list((tmp_path / "runs" / "quick").glob("*/seed*/checkpoint"))   # only the metrics are kept
     report = (tmp_path / "results" / "quick.md").read_text()
-    assert "Runs finished: 4 of 4" in report and "| uft vs |" in report and "Machine:" in report
+    assert "Runs finished: 4 of 4" in report and "| uft − rft |" in report and "Machine:" in report
     assert (tmp_path / "results" / "quick.png").stat().st_size > 1000
     capsys.readouterr()
     assert reproduce.main(["quick", "--out", str(tmp_path), "--jobs", "2"]) == 0   # a second sweep skips them
     assert capsys.readouterr().out.count("skip ") == 4
+
+
+def test_sft_go_grid_runs_and_reports(tmp_path):
+    assert reproduce.main(["quick-go", "--out", str(tmp_path), "--jobs", "2"]) == 0
+    done = sorted((tmp_path / "runs" / "quick-go").glob("*/seed*/done.json"))
+    assert len(done) == 4 and "sft_go.py" in json.loads(done[0].read_text())["command"]
+    report = (tmp_path / "results" / "quick-go.md").read_text()
+    assert "| L_important |" in report and "| go-tfidf − ce |" in report and "Runs finished: 4 of 4" in report
+    run = reproduce.load_run(done[0].parent)
+    assert run["test_rewards"] and len(run["test_rewards"][-1]) == 4     # per-problem rewards, 4 problems
 
 
 def test_pooled_comparison_pairs_seed_by_seed():
