@@ -177,23 +177,35 @@ def subwords_to_words(spans: list[tuple[int, int]], subword_offsets: list[tuple[
 
 @torch.no_grad()
 def classifier_scores(classifier, cls_tokenizer, texts: list[str], offsets: list[list[tuple[int, int]]],
-                      label: int = 1, batch_size: int = 32) -> list[list[float]]:
-    """LLMLingua-2-style scores: P(label = keep) per classifier sub-word, mean per word, max per token."""
+                      label: int = 1, batch_size: int = 32, overlap: int = 64) -> list[list[float]]:
+    """LLMLingua-2-style scores: P(label = keep) per classifier sub-word, mean per word, max per token.
+    A text longer than the classifier's limit is scored in windows that overlap by `overlap` sub-words
+    (at most a quarter of the limit); a sub-word seen in two windows gets the mean of its scores."""
     classifier.eval()
     limit = min(cls_tokenizer.model_max_length, getattr(classifier.config, "max_position_embeddings", 512))
+    enc = cls_tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=limit,
+                        stride=min(overlap, limit // 4), return_overflowing_tokens=True)
+    owner = enc["overflow_to_sample_mapping"]                                   # window -> text
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    seen = [{} for _ in texts]                                  # per text: sub-word span -> [sum, count]
+    for start in range(0, len(owner), batch_size):
+        windows = range(start, min(start + batch_size, len(owner)))
+        batch = cls_tokenizer.pad({k: [enc[k][w] for w in windows] for k in inputs}, return_tensors="pt")
+        with torch.no_grad():
+            logits = classifier(**batch.to(classifier.device)).logits.float()             # (b, S, labels)
+        keep = logits.softmax(-1)[..., label].cpu()                                       # (b, S)
+        for row, w in enumerate(windows):
+            for i, (a, b) in enumerate(enc["offset_mapping"][w]):
+                if b > a:                                                     # not CLS/SEP/pad
+                    total = seen[owner[w]].setdefault((a, b), [0.0, 0])
+                    total[0] += float(keep[row, i])
+                    total[1] += 1
     out = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start: start + batch_size]
-        enc = cls_tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=limit,
-                            padding=True, return_tensors="pt")
-        sub_offsets = enc.pop("offset_mapping").tolist()                          # (b, S, 2)
-        enc = {k: v.to(classifier.device) for k, v in enc.items()}
-        keep = classifier(**enc).logits.float().softmax(-1)[..., label].cpu()     # (b, S)
-        for row, text in enumerate(chunk):
-            real = [(i, tuple(o)) for i, o in enumerate(sub_offsets[row]) if o[1] > o[0]]  # no CLS/SEP/pad
-            spans = word_spans(text)
-            words = subwords_to_words(spans, [o for _, o in real], [float(keep[row, i]) for i, _ in real])
-            out.append(spans_to_tokens(spans, words, offsets[start + row]))
+    for t, text in enumerate(texts):
+        subs = sorted(seen[t])
+        spans = word_spans(text)
+        words = subwords_to_words(spans, subs, [seen[t][o][0] / seen[t][o][1] for o in subs])
+        out.append(spans_to_tokens(spans, words, offsets[t]))
     return out
 
 

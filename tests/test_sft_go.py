@@ -238,6 +238,37 @@ def test_classifier_scores_average_subwords_per_word(tokenizer, classifier_dir):
     assert len(set(round(s, 6) for s in got)) > 3                # the scores are not constant
 
 
+def test_classifier_scores_a_long_text_in_overlapping_windows(tokenizer, classifier_dir):
+    """A response of ~3x the classifier's 128 positions: every word is scored, from windows computed here
+    by hand (126 sub-words between CLS and SEP, consecutive windows sharing 32)."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    cls_tok = AutoTokenizer.from_pretrained(classifier_dir)
+    clf = AutoModelForTokenClassification.from_pretrained(classifier_dir).eval()
+    text = " ".join(f"{i * 7 % 100} + {i} = {i * 7 % 100 + i}" for i in range(60))
+    llm = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    got = sft_go.classifier_scores(clf, cls_tok, [text], [llm["offset_mapping"]], label=1, overlap=32)[0]
+    plain = cls_tok(text, add_special_tokens=False)
+    ids, word_of = plain["input_ids"], plain.word_ids()
+    assert len(ids) > 3 * 128                                      # longer than the limit, three windows+
+    sums, counts = [0.0] * len(ids), [0] * len(ids)
+    for start in range(0, len(ids) - 32, 126 - 32):
+        window = ids[start: start + 126]
+        with torch.no_grad():
+            keep = clf(input_ids=torch.tensor([[2, *window, 3]])).logits.softmax(-1)[0, 1:-1, 1]
+        for i, k in enumerate(keep.tolist()):
+            sums[start + i] += k
+            counts[start + i] += 1
+    assert min(counts) >= 1 and max(counts) == 2                   # every sub-word scored; overlaps twice
+    words = {}
+    for i, w in enumerate(word_of):
+        words.setdefault(w, []).append(sums[i] / counts[i])
+    word_scores = [sum(v) / len(v) for _, v in sorted(words.items())]
+    expected = sft_go.spans_to_tokens(sft_go.word_spans(text), word_scores, llm["offset_mapping"])
+    assert got == pytest.approx(expected, abs=1e-5)
+    tail = got[len(got) // 2:]
+    assert len(set(round(s, 6) for s in tail)) > 3               # the part past the limit is really scored
+
+
 def test_excess_loss_groups_change_when_the_model_changes(tokenizer):
     rows = [{"prompt": c[: c.index("=") + 2], "response": c[c.index("=") + 2:]} for c in CORPUS[::37]]
     enc = sft_go.encode_rows(tokenizer, rows, 64, 64)
