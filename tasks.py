@@ -617,9 +617,10 @@ def kk_claim(statement: tuple, names: list[str]) -> str:
         return f"{names[statement[1]]} is a {'knight' if kind == 'telling-truth' else 'knave'}"
     if kind == "not" and statement[1][0] in ("telling-truth", "lying"):
         return kk_claim(statement[1], names).replace(" is a ", " is not a ", 1)
-    if kind in KK_CONNECTIVES and len(statement) == 3:
+    flat = not {s[0] for s in statement[1:]} & set(KK_CONNECTIVES)   # no connective inside a connective
+    if kind in KK_CONNECTIVES and len(statement) == 3 and flat:
         return KK_CONNECTIVES[kind].format(*(kk_claim(s, names) for s in statement[1:]))
-    raise ValueError(f"statement {statement!r} is outside the released grammar (one connective over leaves)")
+    raise ValueError(f"statement {statement!r} is outside the released grammar (one connective, no nesting)")
 
 
 def english_list(items: list[str]) -> str:
