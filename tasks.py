@@ -1058,9 +1058,9 @@ TASKS = {
     "countdown": Task("countdown", _countdown_row_reward, validate_task_row, countdown_split, ("countdown",),
                       ("nums", "target")),
     "kk": Task("kk", lambda row, text: kk_reward(text, row["ground_truth"]), validate_kk_row, kk_split,
-               (KK_SOURCE, "kk"), ("ground_truth",)),
+               (KK_SOURCE, "kk"), ("data_source", "ground_truth")),
     "math": Task("math", lambda row, text: math_reward(text, row["target"]), validate_math_row, _no_generator,
-                 MATH_SOURCES, ("target", "level")),
+                 MATH_SOURCES, ("data_source", "target", "level")),
 }
 
 
@@ -1079,6 +1079,19 @@ def task_of(row: dict, default: str = "countdown") -> str | None:
 def row_source(row: dict, default: str = "countdown") -> str:
     """What per-source accuracy groups a row by: its data_source, else the name of its task."""
     return row.get("data_source") or default
+
+
+def accuracy_by_source(rows: list[dict], rewards: list[float]) -> dict[str, float]:
+    """Fraction of rewards exactly 1.0 among each source's rows (row_source), sources in order of appearance.
+
+    >>> rows = [{"data_source": "a"}, {"data_source": "b"}, {}, {"data_source": "a"}]
+    >>> accuracy_by_source(rows, [1, 0.1, 1, 0])
+    {'a': 0.5, 'b': 0.0, 'countdown': 1.0}
+    """
+    hits: dict[str, list[bool]] = {}
+    for row, r in zip(rows, rewards):
+        hits.setdefault(row_source(row), []).append(r == REWARD_CORRECT)
+    return {source: sum(h) / len(h) for source, h in hits.items()}
 
 
 def reward(row: dict, text: str, task: str = "countdown") -> float:

@@ -416,3 +416,62 @@ def test_bad_kk_ground_truth_is_named(tmp_path, change, field):
 def test_math_has_no_generator():
     with pytest.raises(tasks.UserError, match="MATH"):
         tasks.TASKS["math"].split(1, 1, seed=0)
+
+
+# --- the command line: --data kk, mixed --test_data, --eval_only ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_kk_dir(tmp_path_factory):
+    """A tiny Llama with a tokenizer trained on K&K and countdown text, saved like a user's model folder."""
+    import common
+    from conftest import make_llama
+    rows = tasks.generate_kk(60, seed=9, min_people=2, max_people=3) + tasks.generate_countdown(60, seed=9)
+    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=500)
+    folder = tmp_path_factory.mktemp("tiny-kk")
+    make_llama(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run_flags(model, out, *extra):
+    return ["--model", str(model), "--output_dir", str(out), "--device", "cpu", "--T", "2", "--T_hint", "1",
+            "--num_train", "8", "--num_test", "4", "--batch_size", "2", "--mini_batch_size", "2",
+            "--num_generations", "2", "--max_completion_length", "4", "--eval_steps", "2",
+            "--save_steps", "2",
+            "--micro_batch_size", "4", *extra]
+
+
+def test_uft_trains_on_kk_then_eval_only_scores_a_mixed_file_per_source(tiny_kk_dir, tmp_path, capsys):
+    import common
+    import uft
+    run = tmp_path / "kk-run"
+    assert uft.main(run_flags(tiny_kk_dir, run, "--data", "kk")) == 0
+    assert common.read_jsonl(run / "metrics.jsonl")[-1]["step"] == 2
+    rows = tasks.generate_countdown(3, seed=1, heldout=True) + tasks.generate_kk(2, seed=1, heldout=True)
+    gsm = {"question": "q", "hint": ["h"], "answer": "a", "data_source": "openai/gsm8k"}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows + [gsm]))
+    out = tmp_path / "eval"
+    assert uft.main(run_flags(run, out, "--eval_only", "--test_data", str(mixed), "--num_test", "10")) == 0
+    printed = capsys.readouterr()
+    assert "1 rows of data_source 'openai/gsm8k' skipped" in printed.err
+    assert str(run / "checkpoint") in printed.out and "kk_logic: accuracy" in printed.out
+    (metrics,) = common.read_jsonl(out / "metrics.jsonl")
+    assert set(metrics["eval_accuracy_by_source"]) == {"countdown", "kk_logic"}
+    by_source = metrics["eval_accuracy_by_source"].values()
+    assert metrics["eval_accuracy_source_mean"] == pytest.approx(sum(by_source) / 2)
+    (rewards,) = common.read_jsonl(out / "eval_rewards.jsonl")
+    assert len(rewards["rewards"]) == 5
+    samples = common.read_jsonl(out / "samples.jsonl")
+    assert [("nums" in s, "ground_truth" in s) for s in samples] == [(True, False)] * 3 + [(False, True)]
+    assert not (out / "checkpoint").exists()
+
+
+def test_bad_data_and_levels_fail_at_start(tmp_path):
+    import uft
+    with pytest.raises(SystemExit):
+        uft.parse_args(["--data", "nope", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        uft.parse_args(["--data", "kk", "--math_levels", "three", "--output_dir", str(tmp_path)])
+    args = uft.parse_args(["--data", "kk", "--math_levels", "3,4,5", "--output_dir", str(tmp_path)])
+    assert (args.task, args.math_levels) == ("countdown", "3,4,5")
