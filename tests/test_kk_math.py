@@ -475,3 +475,15 @@ def test_bad_data_and_levels_fail_at_start(tmp_path):
         uft.parse_args(["--data", "kk", "--math_levels", "three", "--output_dir", str(tmp_path)])
     args = uft.parse_args(["--data", "kk", "--math_levels", "3,4,5", "--output_dir", str(tmp_path)])
     assert (args.task, args.math_levels) == ("countdown", "3,4,5")
+
+
+def test_sft_go_trains_on_kk_and_scores_its_answers(tiny_kk_dir, tmp_path):
+    import common
+    import sft_go
+    flags = ["--model", str(tiny_kk_dir), "--data", "kk", "--num_train", "8", "--num_test", "3", "--T", "2",
+             "--batch_size", "4", "--micro_batch_size", "4", "--eval_steps", "2", "--loss", "go",
+             "--max_completion_length", "4", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+             "--output_dir", str(tmp_path / "run"), "--num_html_samples", "1"]
+    assert sft_go.main(flags) == 0
+    last = common.read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert 0 <= last["eval_accuracy"] <= 1 and "eval_format_rate" in last    # K&K rows have a reward
