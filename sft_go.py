@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+import tasks
 import uft
 from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,
                     make_optimizer, micro_batches, optimizer_step, plot_panels, read_jsonl, rows_for_step,
@@ -53,9 +54,12 @@ WORD = re.compile(r"\w+|[^\w\s]")   # a word: a run of letters/digits/_ or one p
 # --- Data: rows {prompt, response} from built-in countdown or files (tasks.load_sft_rows) --------
 
 def load_rows(args) -> tuple[list[dict], list[dict]]:
-    """(train, test) rows: the built-in countdown split, or --data (and --test_data) files."""
+    """(train, test) rows: a built-in split (countdown, kk), or --data (and --test_data) files."""
     if args.data == "countdown":
         train, test = countdown_split(args.num_train, args.num_test, args.seed, args.min_nums, args.max_nums)
+        return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
+    if args.data == "kk":
+        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed)
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     rows = load_sft_rows(args.data)
     if args.test_data:
@@ -538,13 +542,19 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
             counts[g] += float(member.sum())
     mean = (sums / counts.clamp(min=1)).tolist()
     metrics = {"eval_loss_unimportant": mean[0], "eval_loss_important": mean[1], "eval_ce": mean[2]}
-    if all({"question", "nums", "target"} <= r.keys() for r in test):    # countdown: greedy answers
+    if all(has_reward(r) for r in test):                   # a task's rows (countdown, K&K): greedy answers
         m, _ = uft.evaluate(run.model, run.tokenizer, test, run.args.max_completion_length,
                             run.args.eval_batch_size, progress=progress)
         append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": "eval",   # paired tests
                                                      "rewards": m.pop("rewards")})
         metrics.update({f"eval_{k}": v for k, v in m.items()})
     return metrics
+
+
+def has_reward(row: dict) -> bool:
+    """Whether a row can be scored: its task (tasks.task_of) has one and the row has what it reads."""
+    name = tasks.task_of(row)
+    return name is not None and {"question", *tasks.TASKS[name].sample_fields} <= row.keys()
 
 
 def write_samples_html(run: GoRun, path: Path, num_samples: int = 6) -> Path:
@@ -701,8 +711,8 @@ FLAGS = {
         ("max_grad_norm", 1.0, "gradient-norm clip"),
     ],
     "data": [
-        ("data", "countdown", "'countdown' or a .jsonl/.json/.parquet file: prompt/response, question/answer "
-                              "or Alpaca instruction/input/output columns"),
+        ("data", "countdown", "'countdown', 'kk' or a .jsonl/.json/.parquet file: prompt/response, "
+                              "question/answer or Alpaca instruction/input/output columns"),
         ("test_data", None, "held-out file (default: the first num_test rows of --data)", {"type": str}),
         ("num_train", 20000, "training rows"),
         ("num_test", 200, "held-out rows"),
@@ -760,8 +770,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"need 3 <= --min_nums <= --max_nums <= 4 (got {args.min_nums}, {args.max_nums})")
     for name in ("data", "test_data"):
         value = getattr(args, name)
-        if value and value != "countdown" and not Path(value).is_file():
-            where = " (and not 'countdown')" if name == "data" else ""
+        if value and value not in tasks.GENERATED and not Path(value).is_file():
+            where = " (and not 'countdown' or 'kk')" if name == "data" else ""
             p.error(f"--{name} {value!r}: no such file{where}")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"sft_go-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -1,21 +1,31 @@
 """Tasks for uft.py and sft_go.py in the released schema: prompts, generators, solvers, loaders, rewards.
 
-A row is a dict with the released columns: `question` (raw prompt text), `hint` (the reference solution as
-a list of fragments, one per reasoning step), `answer` (the full target: fragments + `</think>` + the answer
-tag), plus what the task's reward needs (countdown: `nums`, `target`). A `Task` bundles what the trainer uses:
-its reward, its row check for files, and its generator of (train, test) rows.
+The paper's three tasks: countdown (generated, solved, rewarded by exact arithmetic), Knights and Knaves
+(generated puzzles with one solution, a brute-force solver, the released deduction trace), and MATH (files
+of the released schema, the standard answer normalisation). A row is a dict with the released columns:
+`question` (raw prompt text), `hint` (the reference solution as a list of fragments, one per reasoning step),
+`answer` (the full target: fragments + `</think>` + the answer tag), plus what the task's reward needs
+(countdown: `nums`, `target`; K&K: `ground_truth`; MATH: `target`). A `Task` bundles what the trainer uses:
+its reward, its row check for files, and its generator of (train, test) rows; `task_of` picks a row's task
+from its `data_source`.
 
     >>> row = generate_countdown(1, seed=0, min_nums=3, max_nums=3)[0]
     >>> TASKS["countdown"].reward(row, row["question"] + row["answer"])
     1.0
+    >>> row = generate_kk(1, seed=0)[0]
+    >>> reward(row, row["question"] + row["answer"])
+    1.0
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import itertools
 import json
 import operator
 import random
 import re
+import sys
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -27,14 +37,21 @@ from common import UserError, read_jsonl
 # Countdown: the released prompt, a solver, a generator, a loader, the released three-level reward
 # ----------------------------------------------------------------------------------------------------------
 
-COUNTDOWN_TEMPLATE = (  # the released prompt, raw text for base models; note the trailing space after <think>
+CONVERSATION = (  # how every released prompt begins: raw text for base models, no chat template
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user "
-    "with the answer.\n"
+    "with the answer.\n")
+
+
+ASSISTANT_START = "Assistant: Let me solve this step by step.\n<think> "  # how every released prompt ends
+
+
+COUNTDOWN_TEMPLATE = (  # the released prompt; note the trailing space after <think>
+    CONVERSATION +
     "User: Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
     "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
-    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.\n"
-    "Assistant: Let me solve this step by step.\n<think> ")
+    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.\n" +
+    ASSISTANT_START)
 
 
 FINAL_PREFIX = "Therefore, the final equation is "  # how the last hint fragment of the released data begins
@@ -257,56 +274,99 @@ def _as_list(x) -> list | None:
     return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (str, bytes)) else None
 
 
-def validate_task_row(row: dict, index: int, source: str) -> dict:
-    """The five fields of one row, checked and converted; a ValueError names the source, row and field."""
-    def bad(field: str, why: str) -> ValueError:
-        return ValueError(f"{source}: row {index} (counting from 0): field '{field}' {why}")
+def _row_error(source: str, index: int, field: str, why: str) -> ValueError:
+    return ValueError(f"{source}: row {index} (counting from 0): field '{field}' {why}")
 
-    for field in ROW_FIELDS:
+
+def _text_fields(row: dict, index: int, source: str) -> dict:
+    """question, hint (non-empty list of strings) and answer of a row, checked (every task has them)."""
+    for field in ("question", "hint", "answer"):
         if row.get(field) is None:
-            raise bad(field, "is missing")
+            raise _row_error(source, index, field, "is missing")
     for field in ("question", "answer"):
         if not isinstance(row[field], str):
-            raise bad(field, f"must be a string, got {type(row[field]).__name__}")
+            raise _row_error(source, index, field, f"must be a string, got {type(row[field]).__name__}")
     hint = _as_list(row["hint"])
     if not hint or not all(isinstance(h, str) for h in hint):
-        raise bad("hint", "must be a non-empty list of strings")
+        raise _row_error(source, index, "hint", "must be a non-empty list of strings")
+    return {"question": row["question"], "hint": hint, "answer": row["answer"]}
+
+
+def validate_task_row(row: dict, index: int, source: str) -> dict:
+    """The five fields of one countdown row, checked and converted; a ValueError names the source, row and
+    field."""
+    for field in ROW_FIELDS[3:]:
+        if row.get(field) is None:
+            raise _row_error(source, index, field, "is missing")
+    out = _text_fields(row, index, source)
     nums = [_as_int(x) for x in _as_list(row["nums"]) or []]
     if not nums or None in nums:
-        raise bad("nums", "must be a non-empty list of integers")
+        raise _row_error(source, index, "nums", "must be a non-empty list of integers")
     target = _as_int(row["target"])
     if target is None:
-        raise bad("target", f"must be an integer, got {row['target']!r}")
-    return {"question": row["question"], "hint": hint, "answer": row["answer"], "nums": nums,
-            "target": target}
+        raise _row_error(source, index, "target", f"must be an integer, got {row['target']!r}")
+    return {**out, "nums": nums, "target": target}
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a .parquet, .jsonl or .json file (a ValueError names a file that cannot be read).
+
+    JSON is read row by row, not by datasets: rows of different tasks have different column types."""
+    kind = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json"}.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown data format; "
+                         "give a .parquet, .jsonl or .json file, or 'countdown' or 'kk'")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    try:
+        if kind == "jsonl":
+            return read_jsonl(path)
+        if kind == "json":
+            return list(json.loads(path.read_text()))
+        import datasets                   # imported here: it costs a second at `import uft`
+        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    except Exception as e:  # datasets/pyarrow raise many types for a corrupt file; one clear message instead
+        raise ValueError(f"{path}: could not be read as {kind}: {e}") from e
+
+
+def check_rows(records: list[dict], source: str, task: str = "countdown",
+               math_levels: set[int] | None = None) -> list[dict]:
+    """Each record checked by its own task (task_of: its data_source, else `task`); sources without a task
+    are skipped with one line each on stderr, and so are MATH rows outside math_levels (when given)."""
+    rows, skipped, off_level = [], {}, 0
+    for i, record in enumerate(records):
+        name = task_of(record, task)
+        if name is None:
+            skipped[record.get("data_source")] = skipped.get(record.get("data_source"), 0) + 1
+            continue
+        row = TASKS[name].check_row(record, i, source)
+        if name == "math" and math_levels and row["level"] not in math_levels:
+            off_level += 1
+            continue
+        rows.append(row)
+    for data_source, count in skipped.items():
+        print(f"{source}: {count} rows of data_source {data_source!r} skipped: no reward for it here "
+              f"(tasks: {', '.join(TASKS)})", file=sys.stderr)
+    if off_level:
+        print(f"{source}: {off_level} MATH rows outside --math_levels {sorted(math_levels)} skipped",
+              file=sys.stderr)
+    return rows
 
 
 def load_task_rows(path_or_name: str, split: str = "train", num_train: int = 10_240, num_test: int = 1_024,
-                   seed: int = 0) -> list[dict]:
-    """Rows {question, hint, answer, nums, target}: generated ('countdown') or read (.parquet/.jsonl/.json).
+                   seed: int = 0, task: str = "countdown", math_levels: set[int] | None = None) -> list[dict]:
+    """Rows of the released schema: generated ('countdown', 'kk') or read (.parquet/.jsonl/.json).
 
-    split, num_train, num_test, seed: 'countdown' only (a file is one split). Extra columns are dropped.
+    split, num_train, num_test, seed: generated rows only (a file is one split). A file's rows are checked by
+    their own task (see check_rows); extra columns are dropped.
 
     >>> load_task_rows("countdown_test.parquet")[0]["nums"]   # a released file   # doctest: +SKIP
     [47, 76, 55, 60]
     """
-    if str(path_or_name) == "countdown":
-        train, test = countdown_split(num_train, num_test, seed)
+    if str(path_or_name) in GENERATED:
+        train, test = TASKS[str(path_or_name)].split(num_train, num_test, seed)
         return {"train": train, "test": test}[split]
-    path = Path(path_or_name)
-    builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"{path}: unknown data format; "
-                         "give a .parquet, .jsonl or .json file, or 'countdown'")
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    import datasets                       # imported here: it costs a second at `import uft`
-
-    try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets/pyarrow raise many types for a corrupt file; one clear message instead
-        raise ValueError(f"{path}: could not be read as {builder}: {e}") from e
-    return [validate_task_row(row, i, str(path)) for i, row in enumerate(table)]
+    return check_rows(read_records(Path(path_or_name)), str(path_or_name), task, math_levels)
 
 
 
@@ -415,14 +475,18 @@ def extract_answer(text: str) -> str | None:
     start = text.find("Assistant:")
     if start < 0:
         return None
-    line = text[max(start + len("Assistant:"), text.rfind("\n") + 1):]
+    return last_answer_tag(text[max(start + len("Assistant:"), text.rfind("\n") + 1):])
+
+
+def last_answer_tag(text: str) -> str | None:
+    """The last match of re.finditer(r"<answer>(.*?)</answer>", text, re.DOTALL), stripped, in linear time
+    (an unclosed <answer> ends the search: no later one can close either); None if there is none."""
     found, pos = None, 0
-    # the matches of re.finditer(r"<answer>(.*?)</answer>")
-    while (opened := line.find("<answer>", pos)) >= 0:
-        closed = line.find("</answer>", opened + len("<answer>"))
+    while (opened := text.find("<answer>", pos)) >= 0:
+        closed = text.find("</answer>", opened + len("<answer>"))
         if closed < 0:
             break
-        found, pos = line[opened + len("<answer>"):closed], closed + len("</answer>")
+        found, pos = text[opened + len("<answer>"):closed], closed + len("</answer>")
     return None if found is None else found.strip()
 
 
@@ -473,6 +537,454 @@ def answer_pieces(row: dict, key: str = "answer") -> list[str]:
 def answer_token_ids(row: dict, encode) -> list[int]:
     """Token ids of the answer, piece by piece (`answer_pieces`): every hint's tokens are a prefix of them."""
     return [t for piece in answer_pieces(row) for t in encode(piece)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Knights and Knaves: the released grammar and prompt, a brute-force solver, a generator, a deduction trace
+# ----------------------------------------------------------------------------------------------------------
+# A statement is a tuple of the released grammar: ('telling-truth', i) "person i is a knight", ('lying', i)
+# "person i is a knave", ('not', s), and ('and' | 'or' | '->' | '<=>', s, t). Released puzzles use one
+# connective at most, over leaves; a puzzle's `statements` field is the repr of one statement per person.
+
+KK_TEMPLATE = (  # the released prompt around a puzzle (its frame is the countdown one)
+    CONVERSATION + "User: A very special island is inhabited only by knights and knaves. Knights always tell "
+    "the truth, and knaves always lie. {puzzle}So who is a knight and who is a knave? Show your work in "
+    "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example <answer> (1) "
+    "Zoey is a knight\n(2) Oliver is a knight\n(3)... </answer>.\n" + ASSISTANT_START)
+
+
+KK_SOURCE = "kk_logic"  # the released data_source of K&K rows
+
+
+KK_NAMES = (  # first names for generated puzzles; one word each, so "Name is a knight" parses
+    "Ava", "Ben", "Chloe", "Daniel", "Emma", "Felix", "Grace", "Henry", "Isla", "Jack", "Kate", "Leo",
+    "Mia", "Noah", "Olivia", "Peter", "Quinn", "Rose", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier",
+    "Yara", "Zoe", "Aaron", "Bella", "Caleb", "Diana", "Ethan", "Fiona", "George", "Hannah", "Ian", "Julia")
+
+
+KK_SPEECH = (  # how a claim is introduced in a generated puzzle (the released data has a dozen such forms)
+    '{name} said, "{claim}." ', '{name} stated, "{claim}". ', '"{claim}," {name} mentioned. ',
+    'According to {name}, "{claim}". ', '{name} told you that {claim}. ', 'In {name}\'s words: "{claim}". ')
+
+
+KK_KINDS = ("telling-truth", "lying", "not", "and", "or", "->", "<=>")  # the released grammar's tags
+
+
+KK_CONNECTIVES = {"and": "{} and {}", "or": "{} or {}", "->": "If {} then {}", "<=>": "{} if and only if {}"}
+
+
+KK_PEOPLE = (2, 8)  # generated puzzles have this many inhabitants at most / at least (released: 3-7)
+
+
+def kk_truth(statement: tuple, knights: tuple[bool, ...]) -> bool:
+    """Truth of a statement when knights[i] says whether person i is a knight.
+
+    >>> kk_truth(('->', ('lying', 0), ('telling-truth', 1)), (True, False))   # "if 0 is a knave then ..."
+    True
+    """
+    kind = statement[0]
+    if kind in ("telling-truth", "lying"):
+        return knights[statement[1]] == (kind == "telling-truth")
+    values = [kk_truth(s, knights) for s in statement[1:]]
+    if kind == "not":
+        return not values[0]
+    if kind == "and":
+        return all(values)
+    if kind == "or":
+        return any(values)
+    if kind == "->":
+        return not values[0] or values[1]
+    if kind == "<=>":
+        return values[0] == values[1]
+    raise ValueError(f"unknown statement kind {kind!r}")
+
+
+def solve_kk(statements: tuple) -> list[tuple[bool, ...]]:
+    """Every assignment in which each knight's statement is true and each knave's false (brute force: 2^n).
+
+    >>> solve_kk((('lying', 1), ('and', ('telling-truth', 0), ('telling-truth', 1))))
+    [(True, False)]
+    """
+    n = len(statements)
+    assignments = itertools.product((True, False), repeat=n)
+    return [k for k in assignments if all(kk_truth(s, k) == k[i] for i, s in enumerate(statements))]
+
+
+def kk_claim(statement: tuple, names: list[str]) -> str:
+    """English for a statement of the released grammar, e.g. ('not', ('lying', 0)) -> 'Ava is not a knave'."""
+    kind = statement[0]
+    if kind in ("telling-truth", "lying"):
+        return f"{names[statement[1]]} is a {'knight' if kind == 'telling-truth' else 'knave'}"
+    if kind == "not" and statement[1][0] in ("telling-truth", "lying"):
+        return kk_claim(statement[1], names).replace(" is a ", " is not a ", 1)
+    flat = not {s[0] for s in statement[1:]} & set(KK_CONNECTIVES)   # no connective inside a connective
+    if kind in KK_CONNECTIVES and len(statement) == 3 and flat:
+        return KK_CONNECTIVES[kind].format(*(kk_claim(s, names) for s in statement[1:]))
+    raise ValueError(f"statement {statement!r} is outside the released grammar (one connective, no nesting)")
+
+
+def english_list(items: list[str]) -> str:
+    """'A', 'A and B', 'A, B, and C' (the released lists use the serial comma)."""
+    if len(items) <= 2:
+        return " and ".join(items)
+    return ", ".join(items[:-1]) + ", and " + items[-1]
+
+
+def kk_solution_text(names: list[str], knights: tuple[bool, ...]) -> str:
+    """The released answer format: '(1) Ava is a knight\\n(2) Ben is a knave'."""
+    return "\n".join(f"({i + 1}) {name} is a {'knight' if k else 'knave'}"
+                     for i, (name, k) in enumerate(zip(names, knights)))
+
+
+def kk_question(names: list[str], statements: tuple, speech: list[int]) -> str:
+    """The released prompt for a puzzle; speech[i] picks how person i's claim is introduced (KK_SPEECH)."""
+    said = "".join(KK_SPEECH[form].format(name=name, claim=kk_claim(s, names))
+                   for name, s, form in zip(names, statements, speech))
+    puzzle = f"You meet {len(names)} inhabitants: {english_list(list(names))}. {said}"
+    return KK_TEMPLATE.format(puzzle=puzzle)
+
+
+def kk_mentioned(statement: tuple) -> list[int]:
+    """People a statement names, in order of mention (repeats kept)."""
+    if statement[0] in ("telling-truth", "lying"):
+        return [statement[1]]
+    return [i for s in statement[1:] for i in kk_mentioned(s)]
+
+
+@dataclasses.dataclass
+class _Deduction:
+    """State of the released-style depth-first search that kk_trace writes out, one person at a time."""
+    statements: tuple
+    names: list[str]
+    value: dict = dataclasses.field(default_factory=dict)      # person -> knight? for those assumed so far
+    order: list = dataclasses.field(default_factory=list)      # people in the order they were assumed
+    fragments: list = dataclasses.field(default_factory=list)  # the trace
+    exhausted: list = dataclasses.field(default_factory=list)  # people given up since the last "go back"
+
+    def fits(self, speaker: int) -> bool:
+        """Whether some choice for the unassumed people a speaker names makes their claim fit their role."""
+        free = sorted({i for i in kk_mentioned(self.statements[speaker]) if i not in self.value})
+        return any(kk_truth(self.statements[speaker], {**self.value, **dict(zip(free, choice))})
+                   == self.value[speaker] for choice in itertools.product((True, False), repeat=len(free)))
+
+    def next_person(self) -> int:
+        """The first unassumed person named by the latest assumed claims (back to the first), else the lowest
+        index: the search follows the claims, as the released traces do."""
+        for q in reversed(self.order):
+            for i in kk_mentioned(self.statements[q]):
+                if i not in self.value:
+                    return i
+        return min(i for i in range(len(self.names)) if i not in self.value)
+
+    def claim(self, speaker: int) -> str:
+        """'claim that ...' ('false claim that ...' for a knave's claim), as the traces quote it."""
+        false = "" if self.value[speaker] else "false "
+        return f"{false}claim that {kk_claim(self.statements[speaker], self.names)}"
+
+    def search(self) -> bool:
+        """Assume each role of the next person in turn (knight first); True once everyone is assumed."""
+        if len(self.order) == len(self.names):
+            return True
+        p = self.next_person()
+        name = self.names[p]
+        for knight in (True, False):
+            role = "knight" if knight else "knave"
+            self.value[p] = knight
+            blocker = next((s for s in sorted(self.value) if not self.fits(s)), None)   # in puzzle order
+            if blocker is not None:
+                whose = "their own" if blocker == p else self.names[blocker]
+                claim = self.claim(blocker).replace("claim that", f"claim of {whose} that", 1)
+                self.fragments.append(f"{name} cannot be a {role}, because this would contradict the "
+                                      f"{claim}.\n")
+                continue
+            self.fragments += [f"Assume {name} is a {role}. ",
+                               f"No contradiction is found in their {self.claim(p)}.\n"]
+            self.order.append(p)
+            if self.search():
+                return True
+            self.order.pop()
+            if knight and self.exhausted:   # a deeper person ran out of roles: come back to this one
+                given_up = english_list(self.exhausted)
+                self.fragments.append(f"We have exhausted all possibilities for {given_up}, so let us go "
+                                      f"back and reconsider {name}.\n")
+                self.exhausted = []
+        del self.value[p]
+        self.exhausted.append(self.names[p])
+        return False
+
+
+def kk_trace(statements: tuple, names: list[str]) -> list[str]:
+    """Hint fragments in the released style: assumptions, "No contradiction is found ...", "... cannot be a
+    knight, because ...", "We have exhausted all possibilities for ...", then "Therefore, (1) ..." one line a
+    fragment. The puzzle must have exactly one solution (the search ends on it).
+
+    >>> puzzle = (('lying', 1), ('and', ('telling-truth', 0), ('telling-truth', 1)))   # Ava: "Ben is a knave"
+    >>> for f in kk_trace(puzzle, ["Ava", "Ben"]):
+    ...     print(repr(f))
+    'Assume Ava is a knight. '
+    'No contradiction is found in their claim that Ben is a knave.\\n'
+    'Ben cannot be a knight, because this would contradict the claim of Ava that Ben is a knave.\\n'
+    'Assume Ben is a knave. '
+    'No contradiction is found in their false claim that Ava is a knight and Ben is a knight.\\n'
+    'Therefore, (1) Ava is a knight\\n'
+    '(2) Ben is a knave'
+    """
+    solutions = solve_kk(statements)
+    if len(solutions) != 1:
+        raise ValueError(f"kk_trace: the puzzle has {len(solutions)} solutions, not one")
+    deduction = _Deduction(tuple(statements), list(names))
+    deduction.search()
+    lines = kk_solution_text(names, solutions[0]).split("\n")
+    lines[0] = "Therefore, " + lines[0]
+    return deduction.fragments + [line + "\n" for line in lines[:-1]] + lines[-1:]
+
+
+# --- K&K rows, generation, splits, file rows, reward ---------------------------------------------------
+
+def random_kk_statement(rng: random.Random, n: int) -> tuple:
+    """One claim of the released grammar among n people: a leaf, 'not' of a leaf, or a connective over two
+    leaves, each of these six shapes equally likely (about the released mix)."""
+    def leaf():
+        return (rng.choice(("telling-truth", "lying")), rng.randrange(n))
+    shape = rng.choice(("leaf", "not", "and", "or", "->", "<=>"))
+    if shape == "leaf":
+        return leaf()
+    return ("not", leaf()) if shape == "not" else (shape, leaf(), leaf())
+
+
+def is_kk_heldout(statements: tuple) -> bool:
+    """Whether a puzzle is on the test side of every split: 1 in HELDOUT_BUCKETS by a stable hash of its
+    statements (names and wording do not make a new puzzle)."""
+    return zlib.crc32(repr(tuple(statements)).encode()) % HELDOUT_BUCKETS == 0
+
+
+def make_kk_row(names: list[str], statements: tuple, speech: list[int]) -> dict:
+    """A row of the released schema (ground truth flattened to `ground_truth`) for a one-solution puzzle."""
+    (knights,) = solve_kk(statements)
+    hint, text = kk_trace(statements, names), kk_solution_text(names, knights)
+    return {"question": kk_question(names, statements, speech), "hint": hint,
+            "answer": "".join(hint) + " </think>\n<answer> " + text + " </answer>", "data_source": KK_SOURCE,
+            "ground_truth": {"names": list(names), "solution": list(knights), "solution_text_format": text,
+                             "statements": repr(tuple(statements))}}
+
+
+def generate_kk(n: int, seed: int, min_people: int = 3, max_people: int = 7,
+                heldout: bool | None = None) -> list[dict]:
+    """n distinct puzzles with exactly one solution each; the same seed gives the same rows.
+
+    Draw min_people..max_people people and one random claim each (random_kk_statement); keep the puzzle when
+    the brute-force solver finds exactly one solution. heldout as in generate_countdown.
+    """
+    if not KK_PEOPLE[0] <= min_people <= max_people <= KK_PEOPLE[1]:
+        raise ValueError(f"need {KK_PEOPLE[0]} <= min_people <= max_people <= {KK_PEOPLE[1]}, "
+                         f"got {min_people}, {max_people}")
+    rng, rows, seen = random.Random(seed), [], set()
+    for _ in range(1_000 * n + 1_000):  # a cap so an impossible request fails instead of looping forever
+        if len(rows) == n:
+            break
+        people = rng.randint(min_people, max_people)
+        statements = tuple(random_kk_statement(rng, people) for _ in range(people))
+        if statements in seen or (heldout is not None and is_kk_heldout(statements) != heldout):
+            continue
+        if len(solve_kk(statements)) == 1:
+            seen.add(statements)
+            names = rng.sample(KK_NAMES, people)
+            rows.append(make_kk_row(names, statements, [rng.randrange(len(KK_SPEECH)) for _ in names]))
+    if len(rows) < n:
+        raise ValueError(f"found only {len(rows)} distinct puzzles of {n} "
+                         f"with {min_people}-{max_people} people")
+    return rows
+
+
+def kk_split(num_train: int, num_test: int, seed: int, min_people: int = 3,
+             max_people: int = 7) -> tuple[list[dict], list[dict]]:
+    """(train, test) puzzles, disjoint by construction (held-out puzzles only on the test side)."""
+    test = generate_kk(num_test, seed, min_people, max_people, heldout=True)
+    train = generate_kk(num_train, seed + 1, min_people, max_people, heldout=False)
+    return train, test
+
+
+def parse_kk_statements(text: str, n: int) -> tuple:
+    """The `statements` field (a Python literal of tuples) checked against the grammar and n people."""
+    value = ast.literal_eval(text) if len(text) < 100_000 else None   # literals only: never code
+
+    def check(s) -> bool:
+        if not isinstance(s, tuple) or not s or s[0] not in KK_KINDS:
+            return False
+        if s[0] in ("telling-truth", "lying"):
+            return len(s) == 2 and type(s[1]) is int and 0 <= s[1] < n
+        return len(s) == (2 if s[0] == "not" else 3) and all(check(x) for x in s[1:])
+    if not isinstance(value, tuple) or len(value) != n or not all(check(s) for s in value):
+        raise ValueError(f"not {n} statements of the released grammar")
+    return value
+
+
+def validate_kk_row(row: dict, index: int, source: str) -> dict:
+    """question, hint, answer, data_source and the released ground truth of one K&K row, checked."""
+    out = _text_fields(row, index, source)
+    gt = row.get("ground_truth") or (row.get("reward_model") or {}).get("ground_truth")
+    try:
+        names, solution = _as_list(gt["names"]), [bool(x) for x in _as_list(gt["solution"])]
+        if not names or not all(isinstance(x, str) for x in names) or len(solution) != len(names):
+            raise ValueError("names and solution must be lists of the same length")
+        parse_kk_statements(gt["statements"], len(names))
+        text = str(gt["solution_text_format"])
+    except (TypeError, KeyError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{source}: row {index} (counting from 0): field 'ground_truth' is not the released "
+                         f"K&K one (names, solution, solution_text_format, statements): {e}") from None
+    return {**out, "data_source": row.get("data_source") or KK_SOURCE,
+            "ground_truth": {"names": names, "solution": solution, "solution_text_format": text,
+                             "statements": gt["statements"]}}
+
+
+def parse_kk_answer(answer: str, names: list[str]) -> list[bool] | None:
+    """Each name's role, from the first 'Name is a knight|knave' in the answer (case-insensitive, ASCII only:
+    no unicode case folding or lookalikes); None if a name has none (the released parser's rule)."""
+    roles = []
+    for name in names:
+        pattern = rf"\b{re.escape(name)}\s+is\s+a\s+(knight|knave)\b"
+        found = re.search(pattern, answer, re.IGNORECASE | re.ASCII)
+        if found is None:
+            return None
+        roles.append(found.group(1).lower() == "knight")
+    return roles
+
+
+def kk_reward(text: str, ground_truth: dict) -> float:
+    """Released three-level K&K reward of prompt + completion: 1.0 when every inhabitant's role is the
+    solution's, 0.1 when an answer is extracted but a role is missing or wrong, 0.0 when none is.
+
+    The answer is the last <answer>...</answer> after the first "Assistant:" (it may span lines).
+    >>> gt = {"names": ["Ava", "Ben"], "solution": [True, False]}
+    >>> right = "<answer> (1) Ava is a knight\\n(2) Ben is a knave </answer>"
+    >>> [kk_reward("Assistant: " + c, gt)
+    ...  for c in (right, "<answer> Ava is a knight </answer>", "Ava is a knight")]
+    [1.0, 0.1, 0.0]
+    """
+    if not isinstance(text, str) or (start := text.find("Assistant:")) < 0:
+        return REWARD_NONE
+    answer = last_answer_tag(text[start + len("Assistant:"):])
+    if answer is None:
+        return REWARD_NONE
+    roles = parse_kk_answer(answer, list(ground_truth["names"]))
+    return REWARD_CORRECT if roles == [bool(x) for x in ground_truth["solution"]] else REWARD_WRONG
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MATH: rows of the released schema, the standard (Hendrycks) answer normalisation, the released reward
+# ----------------------------------------------------------------------------------------------------------
+
+MATH_SOURCES = ("DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH", "math")  # data_source of MATH rows
+
+
+def _fix_fracs(s: str) -> str:
+    r"""Brace one-character \frac arguments: \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{b}; a \frac with
+    fewer than two characters after it leaves the whole string as it was."""
+    head, *parts = s.split("\\frac")
+    out = [head]
+    for part in parts:
+        if part.startswith("{"):
+            out.append(part)
+        elif len(part) < 2:
+            return s
+        elif part[1] == "{":
+            out.append("{" + part[0] + "}" + part[1:])
+        else:
+            out.append("{" + part[0] + "}{" + part[1] + "}" + part[2:])
+    return "\\frac".join(out)
+
+
+def _fix_sqrt(s: str) -> str:
+    r"""Brace a one-character \sqrt argument: \sqrt2 -> \sqrt{2}; a trailing \sqrt is a ValueError."""
+    head, *parts = s.split("\\sqrt")
+    if any(not part for part in parts):
+        raise ValueError("\\sqrt without an argument")
+    return "\\sqrt".join([head] + [p if p.startswith("{") else "{" + p[0] + "}" + p[1:] for p in parts])
+
+
+_INTEGER = r"(?:-?[1-9][0-9]*|0)"   # how Python prints an int: a/b is rewritten only for such a and b
+
+
+def _fix_a_slash_b(s: str) -> str:
+    r"""a/b -> \frac{a}{b} when the whole string is two integers written as Python prints them."""
+    found = re.fullmatch(f"({_INTEGER})/({_INTEGER})", s)
+    return s if found is None else "\\frac{" + found.group(1) + "}{" + found.group(2) + "}"
+
+
+def _remove_right_units(s: str) -> str:
+    r"""Drop the units after '\text{ ' (with its space): '5 \text{ cm}' -> '5 '; two of them: ValueError."""
+    if "\\text{ " not in s:
+        return s
+    left, *rest = s.split("\\text{ ")
+    if len(rest) != 1:
+        raise ValueError("more than one '\\text{ '")
+    return left
+
+
+def normalize_math_answer(s: str) -> str:
+    r"""The standard MATH (Hendrycks) string normalisation, these rules in this order and no others:
+    \tfrac, \dfrac -> \frac; drop \left, \right, ^{\circ}, ^\circ, \$; right units after '\text{ '; drop \%;
+    ' .' -> ' 0.', '{.' -> '{0.', a leading '.' -> '0.'; 'x = 5' -> ' 5' (one '=' and at most 2 characters
+    before it); \sqrt2 -> \sqrt{2}; drop spaces; \frac12 -> \frac{1}{2}; '0.5' -> \frac{1}{2};
+    a/b -> \frac{a}{b}.
+    ValueError where the standard code fails (two '\text{ ', a trailing \sqrt); math_equal then compares raw.
+
+    >>> normalize_math_answer("x = \\dfrac12"), normalize_math_answer("\\left( 3, .5 \\right)")
+    ('\\frac{1}{2}', '(3,0.5)')
+    """
+    for old, new in (("\\tfrac", "\\frac"), ("\\dfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+                     ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+        s = s.replace(old, new)
+    s = _remove_right_units(s).replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if s.startswith("."):
+        s = "0" + s
+    if s.count("=") == 1 and len(s.split("=")[0]) <= 2:
+        s = s.split("=")[1]
+    s = _fix_fracs(_fix_sqrt(s).replace(" ", ""))
+    return _fix_a_slash_b("\\frac{1}{2}" if s == "0.5" else s)
+
+
+def math_equal(answer: str, target: str) -> bool:
+    """Equal after normalize_math_answer, or, where it fails on either, equal as given."""
+    try:
+        return normalize_math_answer(answer) == normalize_math_answer(target)
+    except ValueError:
+        return answer == target
+
+
+def math_reward(text: str, target: str) -> float:
+    r"""Released three-level MATH reward of prompt + completion: 1.0 when the answer (extract_answer: the last
+    <answer>...</answer> on the last line after "Assistant:") equals the target under math_equal, 0.1 when an
+    answer is extracted but differs, 0.0 when none is.
+
+    >>> q = "User: 1/2 + 1/4? Assistant: <think> "
+    >>> [math_reward(q + c, "\\frac{3}{4}")
+    ...  for c in (" </think>\n<answer> \\dfrac34 </answer>", "<answer> 3/5 </answer>", "")]
+    [1.0, 0.1, 0.0]
+    """
+    answer = extract_answer(text) if isinstance(text, str) else None
+    if answer is None:
+        return REWARD_NONE
+    return REWARD_CORRECT if math_equal(answer, str(target)) else REWARD_WRONG
+
+
+def math_level(level) -> int | None:
+    """The number of a released level ('Level 3' -> 3; an int stays); None when there is none."""
+    found = re.fullmatch(r"(?:Level )?([0-9]+)", str(level).strip()) if level is not None else None
+    return int(found.group(1)) if found else None
+
+
+def validate_math_row(row: dict, index: int, source: str) -> dict:
+    """question, hint, answer, data_source, target (reward_model.ground_truth.target, or a `target` column),
+    level and type of one MATH row, checked."""
+    out = _text_fields(row, index, source)
+    gt = row.get("ground_truth") or (row.get("reward_model") or {}).get("ground_truth") or {}
+    target = gt.get("target", row.get("target")) if isinstance(gt, dict) else row.get("target")
+    if not isinstance(target, str):
+        raise _row_error(source, index, "target", f"(reward_model.ground_truth.target) must be a string, "
+                                                   f"got {target!r}")
+    return {**out, "data_source": row.get("data_source") or MATH_SOURCES[0], "target": target,
+            "level": math_level(row.get("level")), "type": row.get("type")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,15 +1042,58 @@ class Task:
     reward: Callable[[dict, str], float]              # (row, prompt + completion) -> 1.0 / 0.1 / 0.0
     check_row: Callable[[dict, int, str], dict]       # file row -> checked fields; ValueError names it
     split: Callable[..., tuple[list, list]]           # (num_train, num_test, seed, ...) -> generated rows
+    sources: tuple[str, ...] = ()                     # the data_source values of its rows
+    sample_fields: tuple[str, ...] = ()               # row fields written beside evaluation samples
 
 
 def _countdown_row_reward(row: dict, text: str) -> float:
     return countdown_reward(text, row["nums"], row["target"])
 
 
-TASKS = {"countdown": Task("countdown", _countdown_row_reward, validate_task_row, countdown_split)}
+def _no_generator(*args, **kwargs):
+    raise UserError("MATH has no built-in generator: pass --data <file> (e.g. the released MATH parquet)")
+
+
+TASKS = {
+    "countdown": Task("countdown", _countdown_row_reward, validate_task_row, countdown_split, ("countdown",),
+                      ("nums", "target")),
+    "kk": Task("kk", lambda row, text: kk_reward(text, row["ground_truth"]), validate_kk_row, kk_split,
+               (KK_SOURCE, "kk"), ("data_source", "ground_truth")),
+    "math": Task("math", lambda row, text: math_reward(text, row["target"]), validate_math_row, _no_generator,
+                 MATH_SOURCES, ("data_source", "target", "level")),
+}
+
+
+GENERATED = ("countdown", "kk")  # --data values that generate rows instead of reading a file
+
+
+def task_of(row: dict, default: str = "countdown") -> str | None:
+    """The task that scores a row: the one whose name or sources hold its data_source; `default` when it has
+    none; None for a source no task scores (e.g. GSM8K)."""
+    source = row.get("data_source")
+    if not source:
+        return default
+    return next((name for name, t in TASKS.items() if source == name or source in t.sources), None)
+
+
+def row_source(row: dict, default: str = "countdown") -> str:
+    """What per-source accuracy groups a row by: its data_source, else the name of its task."""
+    return row.get("data_source") or default
+
+
+def accuracy_by_source(rows: list[dict], rewards: list[float]) -> dict[str, float]:
+    """Fraction of rewards exactly 1.0 among each source's rows (row_source), sources in order of appearance.
+
+    >>> rows = [{"data_source": "a"}, {"data_source": "b"}, {}, {"data_source": "a"}]
+    >>> accuracy_by_source(rows, [1, 0.1, 1, 0])
+    {'a': 0.5, 'b': 0.0, 'countdown': 1.0}
+    """
+    hits: dict[str, list[bool]] = {}
+    for row, r in zip(rows, rewards):
+        hits.setdefault(row_source(row), []).append(r == REWARD_CORRECT)
+    return {source: sum(h) / len(h) for source, h in hits.items()}
 
 
 def reward(row: dict, text: str, task: str = "countdown") -> float:
-    """The reward of prompt + completion `text` under the row's task (its `data_source` when it names one)."""
-    return TASKS[row.get("data_source") if row.get("data_source") in TASKS else task].reward(row, text)
+    """The reward of prompt + completion `text` under the row's task (task_of; an unknown source: `task`)."""
+    return TASKS[task_of(row, task) or task].reward(row, text)

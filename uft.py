@@ -671,7 +671,8 @@ def train(args) -> dict:
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 256,
              num_samples: int = 4, progress: bool = False) -> tuple[dict, list[dict]]:
     """Accuracy (reward == 1), mean reward, format rate (an answer was extracted) of greedy completions, and
-    `rewards`, one per row in order (for paired comparisons of two models)."""
+    `rewards`, one per row in order (for paired comparisons of two models). Rows of several sources (a mixed
+    file) add `accuracy_by_source` and its unweighted mean `accuracy_source_mean`."""
     from tqdm.auto import tqdm
 
     rewards, samples, lengths = [], [], []
@@ -684,13 +685,17 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch
         for row, text in zip(chunk, texts):
             rewards.append(tasks.reward(row, row["question"] + text))
             if len(samples) < num_samples:
-                samples.append({"nums": row["nums"], "target": row["target"], "completion": text,
-                                "reward": rewards[-1]})
+                shown = tasks.TASKS[tasks.task_of(row) or "countdown"].sample_fields
+                samples.append({**{k: row[k] for k in shown}, "completion": text, "reward": rewards[-1]})
         lengths.extend(out.lengths.tolist())
     r = torch.tensor(rewards)
-    return ({"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
-             "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths),
-             "rewards": rewards}, samples)
+    metrics = {"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
+               "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths)}
+    by_source = tasks.accuracy_by_source(rows, rewards)
+    if len(by_source) > 1:      # a mixed file: each source's accuracy and their unweighted mean
+        metrics.update(accuracy_by_source=by_source,
+                       accuracy_source_mean=sum(by_source.values()) / len(by_source))
+    return {**metrics, "rewards": rewards}, samples
 
 
 ############################################################################################################
@@ -1032,19 +1037,30 @@ def plot_run(out: Path) -> Path:
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
+def read_rows(args, files: str) -> list[dict]:
+    """Rows of comma-separated files of the released schema, each row checked by its own task (--task for rows
+    without a data_source, --math_levels for MATH rows)."""
+    levels = {int(x) for x in args.math_levels.split(",")} if args.math_levels else None
+    try:
+        return [row for path in files.split(",")
+                for row in tasks.load_task_rows(path.strip(), task=args.task, math_levels=levels)]
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+
+
 def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, validation, test) rows: the built-in countdown split, or --data / --test_data files of the
+    """(train, validation, test) rows: a built-in split (countdown, kk), or --data / --test_data files of the
     released schema (no validation rows)."""
     if args.data == "countdown":
         split = dict(seed=args.seed, min_nums=args.min_nums, max_nums=args.max_nums)
         train, test = countdown_split(args.num_train, args.num_test, **split)
         val = countdown_validation(args.num_val, args.num_test, **split) if args.num_val else []
         return train, val, test
-    try:
-        rows = load_task_rows(args.data)
-        test_rows = load_task_rows(args.test_data) if args.test_data else None
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
+    if args.data in tasks.GENERATED:             # kk: the task's own seeded, disjoint split
+        train, test = tasks.TASKS[args.data].split(args.num_train, args.num_test, args.seed)
+        return train, [], test
+    rows = read_rows(args, args.data)
+    test_rows = read_rows(args, args.test_data) if args.test_data else None
     if test_rows is not None:
         return rows[: args.num_train], [], test_rows[: args.num_test]
     if len(rows) <= args.num_test:
@@ -1107,8 +1123,13 @@ FLAGS = {
         ("max_completion_length", 64, "new tokens per rollout / eval answer"),
     ],
     "data": [
-        ("data", "countdown", "'countdown' (built in) or a .parquet/.jsonl file"),
-        ("test_data", None, "held-out file (default: the first num_test rows of --data)", {"type": str}),
+        ("data", "countdown", "'countdown' or 'kk' (built in), or a .parquet/.jsonl/.json file"),
+        ("test_data", None, "held-out file(s), comma-separated (default: the first num_test rows of --data)",
+         {"type": str}),
+        ("task", "countdown", "the task of file rows without a data_source (rows with one use its task)",
+         {"choices": list(tasks.TASKS)}),
+        ("math_levels", None, "MATH rows: keep only these levels, comma-separated (the paper: 3,4,5); "
+                              "default all", {"type": str}),
         ("num_train", 5000, "training problems"),
         ("num_test", 500, "held-out problems for evaluation"),
         ("num_val", 0, "built-in countdown: validation problems (disjoint from the held-out ones) to choose "
@@ -1120,6 +1141,8 @@ FLAGS = {
     "run": [
         ("output_dir", None, "run folder (default runs/<algo>-<time>)", {"type": str}),
         ("resume", None, "a run folder to continue from its last checkpoint", {"type": str}),
+        ("eval_only", False, "only evaluate --model (or a run folder's checkpoint) on the held-out rows "
+                             "(--test_data); writes the same metrics and samples", {"action": "store_true"}),
         ("eval_steps", 25, "evaluate every this many steps"),
         ("eval_batch_size", 256, "prompts per greedy eval batch"),
         ("save_steps", 25, "checkpoint every this many steps"),
@@ -1171,8 +1194,10 @@ def check_args(p, args) -> None:
         p.error(f"need 3 <= --min_nums <= --max_nums <= 6 (got {args.min_nums}, {args.max_nums})")
     if args.num_val < 0 or (args.num_val and args.data != "countdown"):
         p.error("--num_val must be >= 0, and is for the built-in countdown only")
-    if args.data != "countdown" and not Path(args.data).is_file():
-        p.error(f"--data {args.data!r}: not 'countdown' and no such file")
+    if args.data not in tasks.GENERATED and not Path(args.data).is_file():
+        p.error(f"--data {args.data!r}: not one of {', '.join(tasks.GENERATED)} and no such file")
+    if args.math_levels and not all(x.strip().isdigit() for x in args.math_levels.split(",")):
+        p.error(f"--math_levels {args.math_levels!r}: give comma-separated level numbers, e.g. 3,4,5")
     resolve_sft_length(p, args)
 
 
@@ -1201,11 +1226,55 @@ def parse_args(argv=None):
             p.error(f"--resume {args.resume!r}: no checkpoint there (expected checkpoint/trainer_state.pt)")
         saved = json.loads(config.read_text())
         saved.update(resume=args.resume, output_dir=args.resume)
-        args = argparse.Namespace(**saved)
+        args = argparse.Namespace(**{**vars(p.parse_args([])), **saved})   # newer flags: their defaults
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_args(p, args)
     return args
+
+
+def evaluate_only(args) -> dict:
+    """--eval_only: greedy evaluation of --model (a run folder: its checkpoint) on the held-out rows
+    (--test_data files, else those of --data), written like a training run's step 0: config.json,
+    metrics.jsonl, eval_rewards.jsonl, samples.jsonl."""
+    import types
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "samples.jsonl", "eval_rewards.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    checkpoint = Path(args.model) / "checkpoint"
+    name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
+    model, tok = load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                            trust_remote_code=args.trust_remote_code)
+    if args.test_data or args.data not in tasks.GENERATED:
+        test_rows = read_rows(args, args.test_data or args.data)[: args.num_test]
+    else:                                  # the built-in split's held-out side (it ignores num_train)
+        test_rows = load_rows(argparse_copy(args, num_train=1))[2]
+    if not test_rows:
+        raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
+    view = types.SimpleNamespace(args=args, model=model, tokenizer=tok, test_rows=test_rows, val_rows=[],
+                                 out=out, step=0)            # what run_eval reads of a Run
+    metrics = {"step": 0, **run_eval(view, progress=True)}
+    append_jsonl(out / "metrics.jsonl", metrics)
+    return {**metrics, "model": name, "n": len(test_rows)}
+
+
+def argparse_copy(args, **changes):
+    """A copy of parsed flags with some values changed."""
+    import argparse
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def print_evaluation(result: dict) -> None:
+    """The --eval_only summary: overall figures, then one line per data_source of a mixed file."""
+    print(f"\n{result['model']} on {result['n']} held-out rows: accuracy {result['eval_accuracy']:.3f}  "
+          f"reward {result['eval_reward']:.3f}  format {result['eval_format_rate']:.3f}")
+    for source, accuracy in result.get("eval_accuracy_by_source", {}).items():
+        print(f"  {source}: accuracy {accuracy:.3f}")
+    if "eval_accuracy_source_mean" in result:
+        print(f"  mean over sources: {result['eval_accuracy_source_mean']:.3f}")
 
 
 def main(argv=None) -> int:
@@ -1213,6 +1282,9 @@ def main(argv=None) -> int:
     quiet_libraries()
     try:
         start = time.time()
+        if args.eval_only:
+            print_evaluation(evaluate_only(args))
+            return 0
         result = train(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
