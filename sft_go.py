@@ -712,7 +712,8 @@ FLAGS = {
     ],
     "data": [
         ("data", "countdown", "'countdown', 'kk' or a .jsonl/.json/.parquet file: prompt/response, "
-                              "question/answer or Alpaca instruction/input/output columns"),
+                              "question/answer, Alpaca instruction/input/output, or LIMA conversations "
+                              "columns"),
         ("test_data", None, "held-out file (default: the first num_test rows of --data)", {"type": str}),
         ("num_train", 20000, "training rows"),
         ("num_test", 200, "held-out rows"),

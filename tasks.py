@@ -1013,6 +1013,26 @@ def as_sft_row(record: dict) -> dict | None:
     return {**record, "prompt": prompt, "response": response}
 
 
+def conversation_rows(record: dict, where: str) -> list[dict]:
+    """A LIMA-style record (`conversations`: alternating user, assistant, user, ... strings) -> one row per
+    assistant turn, whose prompt is the whole conversation before it, so every assistant turn is trained on
+    and none is ever a prompt-less fragment. `where` names the row in errors.
+    >>> [r["response"] for r in conversation_rows({"conversations": ["Hi.", "Hello!", "Bye.", "Bye!"]}, "")]
+    ['Hello!', 'Bye!']
+    """
+    turns = record["conversations"]
+    if (not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2
+            or not all(isinstance(t, str) and t.strip() for t in turns)):
+        raise UserError(f"{where}: 'conversations' must be a list of non-empty strings alternating user and "
+                        f"assistant turns, ending with an assistant turn")
+    rows, context = [], ""
+    for user, assistant in zip(turns[::2], turns[1::2]):
+        context += f"### User:\n{user}\n\n### Assistant:\n"
+        rows.append({**record, "prompt": context, "response": assistant})
+        context += f"{assistant}\n\n"
+    return rows
+
+
 def load_sft_rows(path: str) -> list[dict]:
     """Rows of a .jsonl, .json or .parquet file; a file without a response column is a UserError."""
     p = Path(path)
@@ -1023,6 +1043,8 @@ def load_sft_rows(path: str) -> list[dict]:
         records = json.loads(p.read_text())
     else:
         records = read_jsonl(p)
+    if records and all(isinstance(r, dict) and "conversations" in r for r in records):
+        return [row for i, r in enumerate(records, 1) for row in conversation_rows(r, f"{path}: row {i}")]
     rows = [as_sft_row(r) for r in records]
     if not records or any(r is None for r in rows):
         found = ", ".join(sorted(records[0].keys())) if records else ""

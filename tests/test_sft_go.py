@@ -333,6 +333,35 @@ def test_countdown_answers_are_tokenised_like_uft_and_offsets_cover_the_text(tok
         tokenizer.eos_token_id]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_lima_conversations_train_on_every_assistant_turn(tmp_path, suffix):
+    records = [{"conversations": ["What is 2 + 3?", "5."], "source": "a"},
+               {"conversations": ["Name a prime.", "7.", "Another?", "11."], "source": "b"}]
+    path = tmp_path / f"lima{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif suffix == ".json":
+        path.write_text(json.dumps(records))
+    else:
+        import datasets
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+    rows = sft_go.load_sft_rows(str(path))
+    assert [r["response"] for r in rows] == ["5.", "7.", "11."]
+    assert rows[0]["prompt"] == "### User:\nWhat is 2 + 3?\n\n### Assistant:\n"
+    # the second turn's prompt holds the whole first exchange, the assistant's answer included
+    assert rows[2]["prompt"] == ("### User:\nName a prime.\n\n### Assistant:\n7.\n\n"
+                                 "### User:\nAnother?\n\n### Assistant:\n")
+    assert rows[2]["source"] == "b"
+
+
+@pytest.mark.parametrize("turns", [["only a question"], ["q", "a", "q2"], ["q", ""], "q a", ["q", 5]])
+def test_a_malformed_conversation_names_its_row(tmp_path, turns):
+    path = tmp_path / "lima.jsonl"
+    path.write_text(json.dumps({"conversations": ["q", "a"]}) + "\n" + json.dumps({"conversations": turns}))
+    with pytest.raises(uft.UserError, match=r"lima\.jsonl: row 2: 'conversations' must be"):
+        sft_go.load_sft_rows(str(path))
+
+
 def test_a_file_without_responses_names_the_file_and_columns(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "hi", "text": "there"}) + "\n")
