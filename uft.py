@@ -1102,7 +1102,7 @@ FLAGS = {
                          "ratio is 1 and the clip never acts"),
         ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model"),
         ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)"),
-        ("sft_loss_coef", 0.5, "hint-token NLL coefficient (uft only; released GPU default 0.001)"),
+        ("sft_loss_coef", 0.001, "hint-token NLL coefficient (uft only; the released value, chosen on validation)"),
     ],
     "optimisation": [
         ("batch_size", 32, "prompts per step (SFT: problems per step)"),

