@@ -59,7 +59,8 @@ def load_rows(args) -> tuple[list[dict], list[dict]]:
         train, test = countdown_split(args.num_train, args.num_test, args.seed, args.min_nums, args.max_nums)
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     if args.data == "kk":
-        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed)
+        people = dict(min_people=args.min_people, max_people=args.max_people)
+        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     rows = load_sft_rows(args.data)
     if args.test_data:
@@ -719,6 +720,8 @@ FLAGS = {
         ("num_test", 200, "held-out rows"),
         ("min_nums", 3, "built-in countdown: fewest numbers per problem"),
         ("max_nums", 3, "built-in countdown: most numbers per problem"),
+        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (2-8; the paper: 3-7)"),
+        ("max_people", 3, "built-in K&K: most inhabitants per puzzle (2-8)"),
         ("max_prompt_length", 512, "prompt tokens kept (the last ones)"),
         ("max_response_length", 512, "response tokens kept (the first ones)"),
     ],
@@ -726,7 +729,8 @@ FLAGS = {
         ("output_dir", None, "run folder (default runs/sft_go-<time>)", {"type": str}),
         ("eval_steps", 100, "held-out evaluation every this many steps"),
         ("eval_batch_size", 256, "prompts per greedy generation batch"),
-        ("max_completion_length", 96, "new tokens per greedy countdown answer"),
+        ("max_completion_length", None, "new tokens per greedy answer (default 96; --data kk: 128)",
+         {"type": int}),
         ("save_steps", 1000, "checkpoint every this many steps (and at the end)"),
         ("num_html_samples", 6, "held-out responses shown in samples.html"),
         ("cache_dir", str(DEFAULT_CACHE), "where the default reference model is cached"),
@@ -748,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
+    uft.data_defaults(args, completion=96)
     """Bad values fail at start, argparse-style (usage line + one message, exit 2)."""
     args.losses = [s.strip() for s in args.loss.split(",") if s.strip()]
     bad = [s for s in args.losses if s not in LOSSES]
@@ -769,6 +774,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--grouping classifier needs --classifier <token-classification model>")
     if not 3 <= args.min_nums <= args.max_nums <= 4:
         p.error(f"need 3 <= --min_nums <= --max_nums <= 4 (got {args.min_nums}, {args.max_nums})")
+    if not tasks.KK_PEOPLE[0] <= args.min_people <= args.max_people <= tasks.KK_PEOPLE[1]:
+        p.error(f"need {tasks.KK_PEOPLE[0]} <= --min_people <= --max_people <= {tasks.KK_PEOPLE[1]} "
+                f"(got {args.min_people}, {args.max_people})")
     for name in ("data", "test_data"):
         value = getattr(args, name)
         if value and value not in tasks.GENERATED and not Path(value).is_file():

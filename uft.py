@@ -712,17 +712,18 @@ BUILTIN = "builtin"  # the --model value that selects the small model built in c
 DEFAULT_CACHE = Path(os.environ.get("UFT_CACHE", Path.home() / ".cache" / "uft"))  # built-in models live here
 
 
-def builtin_init(folder: Path, seed: int = 0) -> Path:
+def builtin_init(folder: Path, seed: int = 0, task: str = "countdown") -> Path:
     """Create (once) the built-in model's tokenizer and randomly initialised weights in `folder`.
 
-    The tokenizer is trained on built-in countdown text, so the task's text is covered by merges.
+    The tokenizer is trained on the built-in task's text (countdown or kk), so that text is covered by merges.
     """
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
     from transformers import LlamaForCausalLM
 
-    rows = generate_countdown(2000, seed=10_000 + seed)
+    rows = (generate_countdown(2000, seed=10_000 + seed) if task == "countdown"
+            else tasks.generate_kk(2000, seed=10_000 + seed, min_people=2, max_people=4))
     tok = build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=1024)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(len(tok), tok.pad_token_id, tok.eos_token_id))
@@ -755,7 +756,20 @@ BASE_RECIPE = dict(
 BASE_RECIPES = {r["name"]: r for r in (
     BASE_RECIPE,
     {**BASE_RECIPE, "name": "builtin-weak", "steps": 150},
-    {**BASE_RECIPE, "name": "builtin-mix", "min_nums": 3, "max_nums": 5})}
+    {**BASE_RECIPE, "name": "builtin-mix", "min_nums": 3, "max_nums": 5},
+    # K&K: the same SFT warm-up on deduction traces of 2-3 inhabitants (--data kk's default model)
+    {**BASE_RECIPE, "name": "builtin-kk", "version": 1, "task": "kk", "min_people": 2, "max_people": 3})}
+# The built-in base each built-in task starts from when --model is not given.
+BASE_OF = {"countdown": BUILTIN, "kk": "builtin-kk"}
+
+
+def warmup_rows(recipe: dict) -> list[dict]:
+    """A base recipe's SFT rows: its task's problems, never from the held-out part of problem space."""
+    if recipe.get("task", "countdown") == "kk":
+        return tasks.generate_kk(recipe["num_problems"], seed=recipe["seed"], min_people=recipe["min_people"],
+                                 max_people=recipe["max_people"], heldout=False)
+    return generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=recipe["min_nums"],
+                              max_nums=recipe["max_nums"], heldout=False)
 
 
 def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
@@ -766,9 +780,9 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
     folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
     if (folder / "config.json").exists():
         return folder
-    model, tok = load_model(str(builtin_init(folder.with_name("init"), recipe["seed"])), device="cpu")
-    rows = generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=recipe["min_nums"],
-                              max_nums=recipe["max_nums"], heldout=False)
+    init = builtin_init(folder.with_name("init"), recipe["seed"], recipe.get("task", "countdown"))
+    model, tok = load_model(str(init), device="cpu")
+    rows = warmup_rows(recipe)
     optimizer, scheduler = make_optimizer(model, recipe["learning_rate"], weight_decay=0.01,
                                           warmup_ratio=0.05, steps=recipe["steps"], schedule="cosine")
     encode = lru_cache(maxsize=None)(lambda text: tok(text, add_special_tokens=False)["input_ids"])
@@ -1056,8 +1070,9 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
         train, test = countdown_split(args.num_train, args.num_test, **split)
         val = countdown_validation(args.num_val, args.num_test, **split) if args.num_val else []
         return train, val, test
-    if args.data in tasks.GENERATED:             # kk: the task's own seeded, disjoint split
-        train, test = tasks.TASKS[args.data].split(args.num_train, args.num_test, args.seed)
+    if args.data == "kk":                       # the task's own seeded, disjoint split
+        people = dict(min_people=args.min_people, max_people=args.max_people)
+        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
         return train, [], test
     rows = read_rows(args, args.data)
     test_rows = read_rows(args, args.test_data) if args.test_data else None
@@ -1073,7 +1088,8 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
 # flag table and config.json all come from this table. Defaults are CPU-sized; the released GPU runs' values
 # are named where they differ (docs/method.md has the full comparison).
 MODEL_FLAGS = [
-    ("model", BUILTIN, "'builtin' (experiments: 'builtin-weak', 'builtin-mix'), a hub id, or a local folder"),
+    ("model", None, "'builtin' (default; 'builtin-kk' with --data kk; experiments: 'builtin-weak', "
+                    "'builtin-mix'), a hub id, or a local folder", {"type": str}),
     ("gguf_file", None, "a .gguf file (in --model's folder, or a full path)", {"type": str}),
     ("dtype", "float32", "weights and compute dtype", {"choices": list(DTYPES)}),
     ("device", "auto", "where to train", {"choices": ["auto", "cpu", "cuda", "mps"]}),
@@ -1102,7 +1118,8 @@ FLAGS = {
                          "ratio is 1 and the clip never acts"),
         ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model"),
         ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)"),
-        ("sft_loss_coef", 0.001, "hint-token NLL coefficient (uft only; the released value, chosen on validation)"),
+        ("sft_loss_coef", 0.001, "hint-token NLL coefficient (uft only; the released value; best on "
+                                 "validation in the ablation grid)"),
     ],
     "optimisation": [
         ("batch_size", 32, "prompts per step (SFT: problems per step)"),
@@ -1120,7 +1137,8 @@ FLAGS = {
         ("temperature", 1.0, "rollout temperature (eval is greedy)"),
         ("top_p", 1.0, "nucleus sampling; 1 = off"),
         ("top_k", 0, "top-k sampling; 0 = off"),
-        ("max_completion_length", 64, "new tokens per rollout / eval answer"),
+        ("max_completion_length", None, "new tokens per rollout / eval answer (default 64; --data kk: 128)",
+         {"type": int}),
     ],
     "data": [
         ("data", "countdown", "'countdown' or 'kk' (built in), or a .parquet/.jsonl/.json file"),
@@ -1136,6 +1154,8 @@ FLAGS = {
                        "settings on; evaluated beside them as val_*"),
         ("min_nums", 3, "built-in countdown: fewest numbers per problem (3-6)"),
         ("max_nums", 3, "built-in countdown: most numbers per problem (3-6)"),
+        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (2-8; the paper: 3-7)"),
+        ("max_people", 3, "built-in K&K: most inhabitants per puzzle (2-8)"),
     ],
     "model": MODEL_FLAGS,
     "run": [
@@ -1192,6 +1212,9 @@ def check_args(p, args) -> None:
                 "--learning_rate, --sft_learning_rate > 0")
     if not 3 <= args.min_nums <= args.max_nums <= 6:
         p.error(f"need 3 <= --min_nums <= --max_nums <= 6 (got {args.min_nums}, {args.max_nums})")
+    if not tasks.KK_PEOPLE[0] <= args.min_people <= args.max_people <= tasks.KK_PEOPLE[1]:
+        p.error(f"need {tasks.KK_PEOPLE[0]} <= --min_people <= --max_people <= {tasks.KK_PEOPLE[1]} "
+                f"(got {args.min_people}, {args.max_people})")
     if args.num_val < 0 or (args.num_val and args.data != "countdown"):
         p.error("--num_val must be >= 0, and is for the built-in countdown only")
     if args.data not in tasks.GENERATED and not Path(args.data).is_file():
@@ -1215,6 +1238,15 @@ def resolve_sft_length(p, args) -> None:
         p.error(f"--sft_steps must be positive for sft-rft (got {args.sft_steps})")
 
 
+def data_defaults(args, completion: int = 64) -> None:
+    """Flags whose default depends on --data: the built-in base of the task, and room for a K&K trace
+    (2-3 inhabitants: about 60 tokens, at most ~120) where the other tasks get `completion` tokens."""
+    if args.model is None:
+        args.model = BASE_OF.get(args.data, BUILTIN)
+    if args.max_completion_length is None:
+        args.max_completion_length = 128 if args.data == "kk" else completion
+
+
 def parse_args(argv=None):
     import argparse
 
@@ -1229,6 +1261,7 @@ def parse_args(argv=None):
         args = argparse.Namespace(**{**vars(p.parse_args([])), **saved})   # newer flags: their defaults
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    data_defaults(args)
     check_args(p, args)
     return args
 

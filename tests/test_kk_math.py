@@ -487,3 +487,31 @@ def test_sft_go_trains_on_kk_and_scores_its_answers(tiny_kk_dir, tmp_path):
     assert sft_go.main(flags) == 0
     last = common.read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     assert 0 <= last["eval_accuracy"] <= 1 and "eval_format_rate" in last    # K&K rows have a reward
+
+
+def test_data_kk_defaults_to_its_own_base_and_room_for_a_trace(tmp_path):
+    """--data kk starts from the K&K base with 128 new tokens; an explicit --model or length wins."""
+    import sft_go
+    import uft
+    out = ["--output_dir", str(tmp_path)]
+    kk, countdown = uft.parse_args(["--data", "kk", *out]), uft.parse_args(out)
+    assert (kk.model, kk.max_completion_length) == ("builtin-kk", 128)
+    assert (countdown.model, countdown.max_completion_length) == ("builtin", 64)
+    mine = uft.parse_args(["--data", "kk", "--model", "builtin", "--max_completion_length", "9", *out])
+    assert (mine.model, mine.max_completion_length) == ("builtin", 9)
+    go = sft_go.parse_args(out)
+    assert (go.model, go.max_completion_length) == ("builtin", 96)
+    with pytest.raises(SystemExit):
+        uft.parse_args(["--data", "kk", "--min_people", "4", "--max_people", "3", *out])
+
+
+def test_kk_base_warms_up_on_puzzles_never_held_out():
+    import uft
+    recipe = {**uft.BASE_RECIPES["builtin-kk"], "num_problems": 40}
+    rows = uft.warmup_rows(recipe)
+    assert len(rows) == 40 and all(r["data_source"] == tasks.KK_SOURCE for r in rows)
+    sizes = {len(r["ground_truth"]["names"]) for r in rows}
+    assert sizes <= {recipe["min_people"], recipe["max_people"]} and len(sizes) == 2
+    assert not any(tasks.is_kk_heldout(tasks.parse_kk_statements(r["ground_truth"]["statements"],
+                                                                 len(r["ground_truth"]["names"])))
+                   for r in rows)
