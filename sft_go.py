@@ -702,7 +702,8 @@ FLAGS = {
         ("classifier_label", 1, "the classifier's 'keep' label id"),
     ],
     "optimisation": [
-        ("T", 500, "training steps"),
+        ("T", None, "training steps (default 500; --data kk: 150, its traces are ~2.5x as long)",
+         {"type": int}),
         ("batch_size", 64, "responses per step"),
         ("micro_batch_size", 64, "rows per forward pass (fewer than batch_size: accumulated)"),
         ("learning_rate", 1e-3, "AdamW learning rate"),
@@ -752,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    uft.data_defaults(args, completion=96)
+    uft.data_defaults(args, {**uft.DATA_DEFAULTS, "max_completion_length": (96, 128), "T": (500, 150)})
     """Bad values fail at start, argparse-style (usage line + one message, exit 2)."""
     args.losses = [s.strip() for s in args.loss.split(",") if s.strip()]
     bad = [s for s in args.losses if s not in LOSSES]

@@ -761,8 +761,6 @@ BASE_RECIPES = {r["name"]: r for r in (
     # warm-up's tokens-worth of steps because a trace is ~2.5x as long as a countdown answer
     {**BASE_RECIPE, "name": "builtin-kk", "version": 1, "task": "kk", "min_people": 2, "max_people": 3,
      "num_problems": 10_000, "steps": 300, "batch_size": 32})}
-# The built-in base each built-in task starts from when --model is not given.
-BASE_OF = {"countdown": BUILTIN, "kk": "builtin-kk"}
 
 
 def warmup_rows(recipe: dict) -> list[dict]:
@@ -1240,13 +1238,16 @@ def resolve_sft_length(p, args) -> None:
         p.error(f"--sft_steps must be positive for sft-rft (got {args.sft_steps})")
 
 
-def data_defaults(args, completion: int = 64) -> None:
-    """Flags whose default depends on --data: the built-in base of the task, and room for a K&K trace
-    (2-3 inhabitants: about 60 tokens, at most ~120) where the other tasks get `completion` tokens."""
-    if args.model is None:
-        args.model = BASE_OF.get(args.data, BUILTIN)
-    if args.max_completion_length is None:
-        args.max_completion_length = 128 if args.data == "kk" else completion
+# Flags whose default depends on --data: (built-in countdown or a file, --data kk). A K&K run starts from
+# the K&K base and needs room for a trace (2-3 inhabitants: ~60 tokens, at most ~120; countdown ~40).
+DATA_DEFAULTS = {"model": (BUILTIN, "builtin-kk"), "max_completion_length": (64, 128)}
+
+
+def data_defaults(args, table: dict = DATA_DEFAULTS) -> None:
+    """Fill the flags left at None from `table` by --data."""
+    for flag, (other, kk) in table.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, kk if args.data == "kk" else other)
 
 
 def parse_args(argv=None):
