@@ -89,9 +89,9 @@ GRIDS = {
                         "go-random": ["--loss", "go", "--grouping", "random"],
                         "rho1-0.6": ["--loss", "rho1", "--eta", "0.6"],
                         "rho1-0.3": ["--loss", "rho1", "--eta", "0.3"]}},
-    "lameta": {"about": "SFT-GO with TF-IDF groups: lambda x eta, 250 steps of 64 problems",
+    "lameta": {"about": "SFT-GO with TF-IDF groups: lambda x eta, 100 steps of 64 problems",
                "script": "sft_go.py", "common": [],
-               "flags": ["--model", "builtin", "--loss", "go", "--grouping", "tfidf", "--T", "250",
+               "flags": ["--model", "builtin", "--loss", "go", "--grouping", "tfidf", "--T", "100",
                          "--eval_steps", "50"],
                "cells": {f"lam{lam}-eta{eta}": ["--lam", str(lam), "--eta", str(eta)]
                          for lam in (0.3, 0.6, 0.9) for eta in (0.1, 0.3, 0.5)}, "seeds": (0, 1)},
