@@ -753,8 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    uft.data_defaults(args, {**uft.DATA_DEFAULTS, "max_completion_length": (96, 128), "T": (500, 150)})
     """Bad values fail at start, argparse-style (usage line + one message, exit 2)."""
+    uft.data_defaults(args, {**uft.DATA_DEFAULTS, "max_completion_length": (96, 128), "T": (500, 150)})
     args.losses = [s.strip() for s in args.loss.split(",") if s.strip()]
     bad = [s for s in args.losses if s not in LOSSES]
     if bad or not args.losses:
