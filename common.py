@@ -123,6 +123,10 @@ def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto",
                 if offline else "check the id and your connection, or pass a local folder")
         raise UserError(f"--model {model!r}: could not load it from the hub or disk ({hint}). "
                         f"[{type(err).__name__}: {str(err).splitlines()[0][:160]}]") from None
+    except Exception as err:  # a truncated weights file, a broken config.json: many types, one line
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"--model {model!r}: its files are damaged or not a model transformers can load "
+                        f"[{type(err).__name__}: {first}]") from None
     if gguf_file:     # the weights arrive de-quantised: drop the GGUF marker, or save_pretrained refuses them
         net.hf_quantizer = None
         if hasattr(net.config, "quantization_config"):

@@ -664,6 +664,7 @@ def train(args, rows: dict | None = None) -> dict:
             metrics.update(held_out(run))
             tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
                                                       if k.startswith("eval_") and k != "eval_length"))
+        common.fault_point("step")
         append_jsonl(run.out / "metrics.jsonl", metrics)
         bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"],
                         lam=f"{metrics['lam']:.2f}")

@@ -8,31 +8,9 @@ import torch
 import common
 import tasks
 import uft
-from conftest import make_llama
-
-TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")
+from conftest import make_llama, metrics_of, uft_flags as flags
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama with a tokenizer trained on countdown text, saved like a user's model folder."""
-    rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
-    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
-    folder = tmp_path_factory.mktemp("tiny-countdown")
-    make_llama(tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def flags(model_dir, out, *extra):
-    return ["--model", str(model_dir), "--output_dir", str(out), "--device", "cpu", "--T", "4", "--T_hint", "3",
-            "--num_train", "24", "--num_test", "6", "--batch_size", "2", "--mini_batch_size", "1",
-            "--num_generations", "3", "--max_completion_length", "6", "--eval_steps", "2", "--save_steps", "2",
-            "--micro_batch_size", "4", "--learning_rate", "1e-3", *extra]
-
-
-def metrics_of(out):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in common.read_jsonl(out / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("algo", list(uft.ALGOS))
