@@ -6,13 +6,19 @@ Nothing here is part of UFT or SFT-GO; `uft.load_model` adds the built-in base m
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import html
 import importlib.util
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
+import uuid
 from pathlib import Path
 
 import torch
@@ -21,7 +27,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class UserError(Exception):
-    """A problem with what the user asked for; the CLI prints its message in one line, without a traceback."""
+    """A problem with what the user asked for (a flag, a file, a row): one line, no traceback, exit 2."""
+    status = 2
+
+
+class RunFailed(UserError):
+    """A run that started and cannot go on (a non-finite loss, a damaged run folder): exit status 1."""
+    status = 1
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, like KeyboardInterrupt: no `except Exception` eats it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,6 +123,10 @@ def load_pretrained(model: str, *, dtype: str = "float32", device: str = "auto",
                 if offline else "check the id and your connection, or pass a local folder")
         raise UserError(f"--model {model!r}: could not load it from the hub or disk ({hint}). "
                         f"[{type(err).__name__}: {str(err).splitlines()[0][:160]}]") from None
+    except Exception as err:  # a truncated weights file, a broken config.json: many types, one line
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"--model {model!r}: its files are damaged or not a model transformers can load "
+                        f"[{type(err).__name__}: {first}]") from None
     if gguf_file:     # the weights arrive de-quantised: drop the GGUF marker, or save_pretrained refuses them
         net.hf_quantizer = None
         if hasattr(net.config, "quantization_config"):
@@ -270,23 +294,53 @@ def tiny_llama_config(vocab_size: int, pad_id: int, eos_id: int, **overrides):
 # ----------------------------------------------------------------------------------------------------------
 
 def save_atomically(save, folder: Path) -> None:
-    """Run `save(tmp)` on a temp sibling, then rename it to `folder`: a kill never leaves half a model."""
+    """Run `save(tmp)` on a temp sibling, then swap it in for `folder` (two renames). A kill at any moment
+    leaves a complete copy that `recover_folder` finds; a signal waits until the swap is over."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save(tmp)
-    if folder.exists():
-        old = folder.with_name(folder.name + f".old-{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    tmp, old = (folder.with_name(f"{folder.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    with finishing_writes():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save(tmp)
+        fault_point("checkpoint-written")
+        if folder.exists():
+            folder.rename(old)
+            fault_point("checkpoint-swapping")
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+
+
+def recover_folder(folder: Path) -> None:
+    """After a kill during `save_atomically`: leave `folder` complete if a complete copy exists, and remove
+    the temporary siblings.
+
+    What a kill can leave: `folder` and a tmp copy, partial or whole (keep `folder`); no `folder`, but the old
+    copy and the tmp copy of one process (killed between the renames: the old copy moves only once the tmp
+    copy is written, so the tmp copy is whole and newest: use it); `folder` and a half-deleted old copy (keep
+    `folder`); a tmp copy only (the first save, perhaps partial: nothing is whole).
+    """
+    folder = Path(folder)
+    siblings = lambda kind: sorted(folder.parent.glob(f"{folder.name}.{kind}-*"))  # noqa: E731
+    if not folder.exists():
+        for old in siblings("old"):
+            tmp = folder.with_name(f"{folder.name}.tmp-{old.name.rsplit('-', 1)[1]}")
+            (tmp if tmp.exists() else old).rename(folder)
+            break
+    for stale in siblings("tmp") + siblings("old"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def recover_run_folder(out: Path) -> None:
+    """Before a resume: a whole checkpoint back in place (`recover_folder`), temporary log files removed."""
+    recover_folder(Path(out) / "checkpoint")
+    for stale in Path(out).glob("*.jsonl.tmp-*"):
+        stale.unlink()
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with finishing_writes(), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -294,14 +348,221 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path)] if Path(path).exists() else []
 
 
+def read_log(path: Path) -> list[dict]:
+    """A run's own JSONL log; a torn last line (a kill in mid-write) is dropped, any other bad line names the
+    file and line (a UserError)."""
+    if not Path(path).exists():
+        return []
+    lines = Path(path).read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):             # no newline after it: the write was cut off
+                break
+            raise UserError(f"{path}: line {number} is not JSON; the run folder is damaged") from None
+    return records
+
+
+def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace a JSONL file at once (temp file + os.replace): a kill leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with finishing_writes():
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            fault_point("metrics-rewrite")
+        os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    """A trainer state saved with torch.save: tensors and plain types only (weights_only, so a planted pickle
+    cannot run code); a damaged or foreign file is a one-line UserError."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # pickle, zip and torch errors of many types: one message
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path}: not a readable trainer state, the checkpoint is damaged "
+                        f"[{type(err).__name__}: {first}]") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders: identity, exit statuses, signals, fault injection (shared by uft.py and sft_go.py)
+# ----------------------------------------------------------------------------------------------------------
+
+RUN_FILES = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "samples.jsonl", "samples.html",
+             "plot.png", "losses.png", "summary.txt", "checkpoint")   # a run's files (log.txt is not one)
+
+
+def holds_run(out: Path) -> bool:
+    out = Path(out)
+    return any((out / name).exists() for name in RUN_FILES) or any(out.glob("checkpoint.*-*"))
+
+
+def claim_run_folder(out: Path, overwrite: bool = False) -> str:
+    """The folder of a new run, checked before any model loads: it must be (or become) a writable folder,
+    and one that holds another run is refused unless `overwrite` (which clears that run's files). Returns
+    the new run's id (written in config.json and each checkpoint, so --resume can check it)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: is a file, not a folder")
+    if holds_run(out):
+        if not overwrite:
+            raise UserError(f"--output_dir {out}: already holds a run; resume it with --resume {out}, "
+                            "or pass --overwrite to replace it")
+        for name in RUN_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        for stale in out.glob("checkpoint.*-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--output_dir {out}: cannot write there ({err.strerror})") from None
+    return uuid.uuid4().hex[:12]
+
+
+def read_config(out: Path) -> dict:
+    """A run folder's config.json (a UserError if it is missing or broken)."""
+    path = Path(out) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; is {out} a run folder?") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); the run folder is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object of flags; the run folder is damaged")
+    return config
+
+
+class _Signals:
+    """SIGINT/SIGTERM abandon the current step at once (the last checkpoint is whole), except inside a file
+    write (`finishing_writes`), which ends first: metrics lines and checkpoint swaps are never cut."""
+    received: int | None = None
+    writing: int = 0
+
+    def handle(self, signum, frame):
+        self.received = signum
+        if not self.writing:
+            raise Interrupted(signum)
+
+
+SIGNALS = _Signals()
+
+
+@contextlib.contextmanager
+def finishing_writes():
+    SIGNALS.writing += 1
+    try:
+        yield
+    finally:
+        SIGNALS.writing -= 1
+    if not SIGNALS.writing and SIGNALS.received is not None:
+        raise Interrupted(SIGNALS.received)
+
+
+FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the crash tests, a no-op unless UFT_CRASH_AT=<name>[:<n>] is set: the n-th time
+    (default the first) the run passes point `name` it dies as a kill -9 would (os._exit: no cleanup), or,
+    with UFT_CRASH_WITH=SIGINT|SIGTERM|ENOSPC, it gets that signal or a full-disk error. Points:
+    checkpoint-written (temp folder complete), checkpoint-swapping (between the renames), metrics-rewrite
+    (the cut-back file written, not yet renamed), step (a step trained, not yet logged)."""
+    point, _, count = os.environ.get("UFT_CRASH_AT", "").partition(":")
+    if point != name:
+        return
+    FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+    if FAULT_HITS[name] != int(count or 1):
+        return
+    how = os.environ.get("UFT_CRASH_WITH", "kill")
+    if how == "kill":
+        os._exit(137)
+    if how == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    os.kill(os.getpid(), getattr(signal, how))
+
+
+def run_cli(body, where) -> int:
+    """Run a script's main body under the exit-status convention of both scripts, every error in one line
+    on stderr: 0 done; 2 bad input (flags, files, rows); 1 a failure mid-run (RunFailed, a full disk, a
+    read-only folder); 130 / 143 stopped by SIGINT / SIGTERM. `where()` says where the last checkpoint is
+    and how to go on."""
+    FAULT_HITS.clear()
+    SIGNALS.received, SIGNALS.writing = None, 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, SIGNALS.handle) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread \
+        else {}
+    try:
+        return body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.status
+    except OSError as err:       # the disk filled up, the folder became read-only, ...
+        print(f"error: {err.strerror or err}: {err.filename or ''}; {where()}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"stopped by {signal.Signals(signum).name}: {where()}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def in_range(value, interval: str) -> bool:
+    """Whether `value` is a finite number inside an interval written as in maths ('[0, 1)', '(0, inf)').
+
+    >>> in_range(0.5, "(0, 1]"), in_range(0, "(0, 1]"), in_range(float("nan"), "[0, inf)")
+    (True, False, False)
+    """
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    if not math.isfinite(value):
+        return False
+    above = low < value if interval[0] == "(" else low <= value
+    return above and (value < high if interval[-1] == ")" else value <= high)
+
+
 def add_flags(parser, topic: str, flags: list[tuple]) -> None:
-    """One argparse group from a FLAGS list (the type follows the default unless the options give one)."""
+    """One argparse group from a FLAGS list (the type follows the default unless the options give one; a
+    numeric flag's "range" option is shown in --help and enforced by `check_ranges`)."""
     group = parser.add_argument_group(topic)
     for name, default, help_text, *extra in flags:
         options = dict(extra[0]) if extra else {}
+        interval = options.pop("range", None)
+        if interval:
+            help_text = f"{help_text}; range {interval}".replace("%", "%%")
         if "action" not in options:
             options.setdefault("type", type(default))
         group.add_argument(f"--{name}", default=default, help=help_text, **options)
+
+
+def check_ranges(parser, args, tables) -> None:
+    """Every numeric flag finite and in its range (flag tables' "range" option), or argparse's usage error
+    (exit status 2) naming the flag: a negative clip norm or a NaN coefficient never reaches training."""
+    for table in tables:
+        for name, _, _, *extra in table:
+            interval = extra[0].get("range") if extra else None
+            value = getattr(args, name, None)
+            if interval and value is not None and not in_range(value, interval):
+                parser.error(f"--{name} must be a finite number in {interval} (got {value})")
+
+
+def given_flags(build_parser, argv) -> list[str]:
+    """The flags on a command line (abbreviations resolved), whether or not their values are the defaults."""
+    import argparse
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(parser.parse_args(argv)))
 
 
 def plot_panels(path: Path, panels: list[tuple[str, list]], width: float = 4.3) -> Path:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import tasks
 import uft
 from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,
@@ -632,10 +633,9 @@ def setup(args, rows: dict) -> GoRun:
            for s in rows}
     scores = static_scores(args, tok, rows, enc)
     ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "eval_rewards.jsonl"):
-        (out / stale).unlink(missing_ok=True)
+    out = Path(args.output_dir)                      # claimed by run_all (or a fresh one for a direct call)
+    if not hasattr(args, "run_id"):
+        args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False))
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
                                           args.T, args.lr_scheduler)
@@ -658,13 +658,14 @@ def train(args, rows: dict | None = None) -> dict:
         try:
             metrics = train_step(run)
         except FloatingPointError as err:
-            raise UserError(f"{err}: stopped (try a lower --learning_rate)") from None
+            raise common.RunFailed(f"{err}: stopped (try a lower --learning_rate)") from None
         metrics.update(step=step, lr=run.scheduler.get_last_lr()[0],
                        step_seconds=time.perf_counter() - start)
         if step % args.eval_steps == 0 or step == args.T:
             metrics.update(held_out(run))
             tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
                                                       if k.startswith("eval_") and k != "eval_length"))
+        common.fault_point("step")
         append_jsonl(run.out / "metrics.jsonl", metrics)
         bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"],
                         lam=f"{metrics['lam']:.2f}")
@@ -685,57 +686,61 @@ FLAGS = {
                           "rho1 (Rho-1: mean loss of the batch's top-eta excess-loss tokens)"),
         ("grouping", "tfidf", "token importance for go (and ce's logged group losses); rho1 uses excess",
          {"choices": GROUPINGS}),
-        ("eta", 0.3, "fraction of each response's tokens that is important (rho1: of the batch's tokens)"),
-        ("lam", 0.9, "lambda: weight of the worst-group loss (0 = plain CE)"),
+        ("eta", 0.3, "fraction of each response's tokens that is important (rho1: of the batch's tokens)",
+         {"range": "(0, 1)"}),
+        ("lam", 0.9, "lambda: weight of the worst-group loss (0 = plain CE)", {"range": "[0, 1]"}),
         ("lam_schedule", "constant", "lambda decay over T", {"choices": LAMBDA_SCHEDULES}),
         ("go_mode", "max", "hard max over groups, or online Group-DRO weights (ablation)",
          {"choices": ["max", "dro"]}),
-        ("eta_q", 0.01, "Group-DRO step size of the group weights q"),
+        ("eta_q", 0.01, "Group-DRO step size of the group weights q", {"range": "(0, inf)"}),
         ("go_reduce", "batch", "group loss: token mean over the batch, or per sample then averaged",
          {"choices": ["batch", "per_sample"]}),
         ("tfidf_unit", "token", "TF-IDF terms", {"choices": ["token", "word"]}),
         ("ref_model", None, "excess-loss reference (folder or hub id); default: the base model after "
                             "--ref_steps of plain SFT (cached)", {"type": str}),
-        ("ref_steps", 50, "plain-SFT steps of the default reference"),
+        ("ref_steps", 50, "plain-SFT steps of the default reference", {"range": "[1, inf)"}),
         ("classifier", None, "token-classification model for --grouping classifier (e.g. LLMLingua-2's)",
          {"type": str}),
-        ("classifier_label", 1, "the classifier's 'keep' label id"),
+        ("classifier_label", 1, "the classifier's 'keep' label id", {"range": "[0, inf)"}),
     ],
     "optimisation": [
         ("T", None, "training steps (default 500; --data kk: 150, its traces are ~2.5x as long)",
-         {"type": int}),
-        ("batch_size", 64, "responses per step"),
-        ("micro_batch_size", 64, "rows per forward pass (fewer than batch_size: accumulated)"),
-        ("learning_rate", 1e-3, "AdamW learning rate"),
-        ("weight_decay", 0.01, "AdamW weight decay"),
+         {"type": int, "range": "[1, inf)"}),
+        ("batch_size", 64, "responses per step", {"range": "[1, inf)"}),
+        ("micro_batch_size", 64, "rows per forward pass (fewer than batch_size: accumulated)",
+         {"range": "[1, inf)"}),
+        ("learning_rate", 1e-3, "AdamW learning rate", {"range": "(0, inf)"}),
+        ("weight_decay", 0.01, "AdamW weight decay", {"range": "[0, inf)"}),
         ("lr_scheduler", "cosine", "after warm-up", {"choices": ["constant", "cosine"]}),
-        ("warmup_ratio", 0.05, "fraction of T spent warming up"),
-        ("max_grad_norm", 1.0, "gradient-norm clip"),
+        ("warmup_ratio", 0.05, "fraction of T spent warming up", {"range": "[0, 1]"}),
+        ("max_grad_norm", 1.0, "gradient-norm clip", {"range": "(0, inf)"}),
     ],
     "data": [
         ("data", "countdown", "'countdown', 'kk' or a .jsonl/.json/.parquet file: prompt/response, "
                               "question/answer, Alpaca instruction/input/output, or LIMA conversations "
                               "columns"),
         ("test_data", None, "held-out file (default: the first num_test rows of --data)", {"type": str}),
-        ("num_train", 20000, "training rows"),
-        ("num_test", 200, "held-out rows"),
-        ("min_nums", 3, "built-in countdown: fewest numbers per problem"),
-        ("max_nums", 3, "built-in countdown: most numbers per problem"),
-        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (2-8; the paper: 3-7)"),
-        ("max_people", 3, "built-in K&K: most inhabitants per puzzle (2-8)"),
-        ("max_prompt_length", 512, "prompt tokens kept (the last ones)"),
-        ("max_response_length", 512, "response tokens kept (the first ones)"),
+        ("num_train", 20000, "training rows", {"range": "[1, inf)"}),
+        ("num_test", 200, "held-out rows", {"range": "[1, inf)"}),
+        ("min_nums", 3, "built-in countdown: fewest numbers per problem", {"range": "[3, 4]"}),
+        ("max_nums", 3, "built-in countdown: most numbers per problem", {"range": "[3, 4]"}),
+        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (the paper: 3-7)", {"range": "[2, 8]"}),
+        ("max_people", 3, "built-in K&K: most inhabitants per puzzle", {"range": "[2, 8]"}),
+        ("max_prompt_length", 512, "prompt tokens kept (the last ones)", {"range": "[1, inf)"}),
+        ("max_response_length", 512, "response tokens kept (the first ones)", {"range": "[1, inf)"}),
     ],
     "run": [
         ("output_dir", None, "run folder (default runs/sft_go-<time>)", {"type": str}),
-        ("eval_steps", 100, "held-out evaluation every this many steps"),
-        ("eval_batch_size", 256, "prompts per greedy generation batch"),
+        ("overwrite", False, "replace the run(s) that --output_dir holds (otherwise refused)",
+         {"action": "store_true"}),
+        ("eval_steps", 100, "held-out evaluation every this many steps", {"range": "[1, inf)"}),
+        ("eval_batch_size", 256, "prompts per greedy generation batch", {"range": "[1, inf)"}),
         ("max_completion_length", None, "new tokens per greedy answer (default 96; --data kk: 128)",
-         {"type": int}),
-        ("save_steps", 1000, "checkpoint every this many steps (and at the end)"),
-        ("num_html_samples", 6, "held-out responses shown in samples.html"),
+         {"type": int, "range": "[1, inf)"}),
+        ("save_steps", 1000, "checkpoint every this many steps (and at the end)", {"range": "[1, inf)"}),
+        ("num_html_samples", 6, "held-out responses shown in samples.html", {"range": "[0, inf)"}),
         ("cache_dir", str(DEFAULT_CACHE), "where the default reference model is cached"),
-        ("seed", 0, "data order, initialisation, random groups"),
+        ("seed", 0, "data order, initialisation, random groups", {"range": "[0, inf)"}),
     ],
 }
 
@@ -755,29 +760,16 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Bad values fail at start, argparse-style (usage line + one message, exit 2)."""
     uft.data_defaults(args, {**uft.DATA_DEFAULTS, "max_completion_length": (96, 128), "T": (500, 150)})
+    common.check_ranges(p, args, [uft.MODEL_FLAGS, *FLAGS.values()])
     args.losses = [s.strip() for s in args.loss.split(",") if s.strip()]
     bad = [s for s in args.losses if s not in LOSSES]
     if bad or not args.losses:
         p.error(f"--loss {args.loss!r}: choose a comma-separated list of {', '.join(LOSSES)}")
-    if not 0 < args.eta < 1:
-        p.error(f"--eta must be in (0, 1), the important fraction (got {args.eta})")
-    if not 0 <= args.lam <= 1:
-        p.error(f"--lam must be in [0, 1] (got {args.lam})")
-    if args.eta_q <= 0 or args.learning_rate <= 0:
-        p.error("--eta_q and --learning_rate must be positive")
-    for name in ("T", "batch_size", "micro_batch_size", "num_train", "num_test", "eval_steps", "save_steps",
-                 "eval_batch_size", "max_completion_length", "max_prompt_length", "max_response_length"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive (got {getattr(args, name)})")
-    if args.ref_steps <= 0 and args.ref_model is None:
-        p.error("--ref_steps must be positive (or pass --ref_model)")
     if args.grouping == "classifier" and not args.classifier and set(args.losses) != {"rho1"}:
         p.error("--grouping classifier needs --classifier <token-classification model>")
-    if not 3 <= args.min_nums <= args.max_nums <= 4:
-        p.error(f"need 3 <= --min_nums <= --max_nums <= 4 (got {args.min_nums}, {args.max_nums})")
-    if not tasks.KK_PEOPLE[0] <= args.min_people <= args.max_people <= tasks.KK_PEOPLE[1]:
-        p.error(f"need {tasks.KK_PEOPLE[0]} <= --min_people <= --max_people <= {tasks.KK_PEOPLE[1]} "
-                f"(got {args.min_people}, {args.max_people})")
+    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
+        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
+                f"{args.max_nums}, {args.min_people}, {args.max_people})")
     for name in ("data", "test_data"):
         value = getattr(args, name)
         if value and value not in tasks.GENERATED and not Path(value).is_file():
@@ -807,20 +799,38 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_folders(args) -> dict[str, str]:
+    """Run name -> its folder: --output_dir itself for one loss, a sub-folder per loss for several."""
+    names = [loss if loss in ("ce", "rho1") else f"go-{args.grouping}" for loss in args.losses]
+    return {name: args.output_dir if len(names) == 1 else str(Path(args.output_dir) / name) for name in names}
+
+
+def where_to_restart(args) -> str:
+    """What a run that stops early prints last (sft_go.py has no --resume: a run starts again)."""
+    saved = [str(Path(f) / "checkpoint") for f in run_folders(args).values()
+             if (Path(f) / "checkpoint").exists()]
+    kept = f"the last saved model is in {saved[-1]}; " if saved else ""
+    return f"{kept}sft_go.py has no --resume: run the same command with --overwrite to start again"
+
+
 def main(argv=None) -> int:
+    """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
     args = parse_args(argv)
+    return common.run_cli(lambda: run_all(args), lambda: where_to_restart(args))
+
+
+def run_all(args) -> int:
+    rows = dict(zip(("train", "test"), load_rows(args)))          # bad rows are found before any model loads
+    folders = run_folders(args)
+    if len(folders) > 1:                                          # the parent holds summary.txt
+        common.claim_run_folder(args.output_dir, args.overwrite)
+    ids = {name: common.claim_run_folder(folder, args.overwrite) for name, folder in folders.items()}
     results = {}
-    try:
-        rows = dict(zip(("train", "test"), load_rows(args)))
-        for loss in args.losses:
-            name = loss if loss in ("ce", "rho1") else f"go-{args.grouping}"
-            sub = args.output_dir if len(args.losses) == 1 else str(Path(args.output_dir) / name)
-            run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": sub})
-            start = time.time()
-            results[name] = {**train(run_args, rows), "minutes": (time.time() - start) / 60}
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    for loss, (name, folder) in zip(args.losses, folders.items()):
+        run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": folder,
+                                         "run_id": ids[name]})
+        start = time.time()
+        results[name] = {**train(run_args, rows), "minutes": (time.time() - start) / 60}
     table = summary_table({"base model": {**next(iter(results.values()))["base"], "minutes": 0.0},
                            **results})
     Path(args.output_dir, "summary.txt").write_text(table + "\n")

@@ -31,7 +31,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-from common import UserError, read_jsonl
+from common import UserError
 
 # ----------------------------------------------------------------------------------------------------------
 # Countdown: the released prompt, a solver, a generator, a loader, the released three-level reward
@@ -258,11 +258,12 @@ def countdown_validation(num_val: int, num_test: int, seed: int, min_nums: int =
 # --- loading files of the released schema --------------------------------------------------------
 
 def _as_int(x) -> int | None:
-    """int for ints, numpy integers and integral floats; None for anything else (bools and strings too)."""
-    if isinstance(x, float):
-        return int(x) if x.is_integer() else None
+    """int for ints and numpy integers; None for anything else: bools, strings and floats too (98.0 in a
+    countdown row means a broken column, not a target)."""
+    if isinstance(x, (bool, float, str, bytes)):
+        return None
     try:
-        return None if isinstance(x, bool) else operator.index(x)
+        return operator.index(x)
     except TypeError:
         return None
 
@@ -292,6 +293,14 @@ def _text_fields(row: dict, index: int, source: str) -> dict:
     return {"question": row["question"], "hint": hint, "answer": row["answer"]}
 
 
+def _ground_truth(row: dict, index: int, source: str):
+    """A row's ground truth: its `ground_truth` column, or the released `reward_model.ground_truth`."""
+    holder = row.get("reward_model")
+    if holder is not None and not isinstance(holder, dict):
+        raise _row_error(source, index, "reward_model", f"must be an object, got {type(holder).__name__}")
+    return row.get("ground_truth") or (holder or {}).get("ground_truth")
+
+
 def validate_task_row(row: dict, index: int, source: str) -> dict:
     """The five fields of one countdown row, checked and converted; a ValueError names the source, row and
     field."""
@@ -309,24 +318,67 @@ def validate_task_row(row: dict, index: int, source: str) -> dict:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of a .parquet, .jsonl or .json file (a ValueError names a file that cannot be read).
+    """The records of a .parquet, .jsonl or .json file, each a dict; a ValueError names the file (and the line
+    of a JSONL file) that cannot be read: not UTF-8, a blank or non-JSON line, a non-object record, no rows.
 
     JSON is read row by row, not by datasets: rows of different tasks have different column types."""
+    path = Path(path)
     kind = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json"}.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"{path}: unknown data format; "
                          "give a .parquet, .jsonl or .json file, or 'countdown' or 'kk'")
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
+    if kind == "parquet":
+        try:
+            import datasets                   # imported here: it costs a second at `import uft`
+            records = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        except Exception as e:  # datasets/pyarrow raise many types for a corrupt file; one clear message
+            raise ValueError(f"{path}: could not be read as parquet [{type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:160]}]") from None
+    else:
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {e.start})") from None
+        records = _json_lines(text, path) if kind == "jsonl" else _json_list(text, path)
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    return records
+
+
+def _json_lines(text: str, path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            if text.endswith("\n") and number == text.count("\n") + 1:
+                continue                      # the newline that ends the last line
+            raise ValueError(f"{path}: line {number} is blank (JSONL: one JSON object per line)")
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object")
+        records.append(record)
+    return records
+
+
+def _json_list(text: str, path: Path) -> list[dict]:
     try:
-        if kind == "jsonl":
-            return read_jsonl(path)
-        if kind == "json":
-            return list(json.loads(path.read_text()))
-        import datasets                   # imported here: it costs a second at `import uft`
-        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-    except Exception as e:  # datasets/pyarrow raise many types for a corrupt file; one clear message instead
-        raise ValueError(f"{path}: could not be read as {kind}: {e}") from e
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: a .json file must hold a list of row objects, not a "
+                         f"{type(value).__name__}")
+    for i, record in enumerate(value):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {i} (counting from 0) is a JSON {type(record).__name__}, "
+                             "not an object")
+    return value
 
 
 def check_rows(records: list[dict], source: str, task: str = "countdown",
@@ -335,6 +387,8 @@ def check_rows(records: list[dict], source: str, task: str = "countdown",
     are skipped with one line each on stderr, and so are MATH rows outside math_levels (when given)."""
     rows, skipped, off_level = [], {}, 0
     for i, record in enumerate(records):
+        if not isinstance(record.get("data_source") or "", str):
+            raise _row_error(source, i, "data_source", f"must be a string, got {record['data_source']!r}")
         name = task_of(record, task)
         if name is None:
             skipped[record.get("data_source")] = skipped.get(record.get("data_source"), 0) + 1
@@ -822,7 +876,7 @@ def parse_kk_statements(text: str, n: int) -> tuple:
 def validate_kk_row(row: dict, index: int, source: str) -> dict:
     """question, hint, answer, data_source and the released ground truth of one K&K row, checked."""
     out = _text_fields(row, index, source)
-    gt = row.get("ground_truth") or (row.get("reward_model") or {}).get("ground_truth")
+    gt = _ground_truth(row, index, source)
     try:
         names, solution = _as_list(gt["names"]), [bool(x) for x in _as_list(gt["solution"])]
         if not names or not all(isinstance(x, str) for x in names) or len(solution) != len(names):
@@ -978,7 +1032,7 @@ def validate_math_row(row: dict, index: int, source: str) -> dict:
     """question, hint, answer, data_source, target (reward_model.ground_truth.target, or a `target` column),
     level and type of one MATH row, checked."""
     out = _text_fields(row, index, source)
-    gt = row.get("ground_truth") or (row.get("reward_model") or {}).get("ground_truth") or {}
+    gt = _ground_truth(row, index, source) or {}
     target = gt.get("target", row.get("target")) if isinstance(gt, dict) else row.get("target")
     if not isinstance(target, str):
         raise _row_error(source, index, "target", f"(reward_model.ground_truth.target) must be a string, "
@@ -1034,22 +1088,20 @@ def conversation_rows(record: dict, where: str) -> list[dict]:
 
 
 def load_sft_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl, .json or .parquet file; a file without a response column is a UserError."""
-    p = Path(path)
-    if p.suffix == ".parquet":
-        import datasets
-        records = list(datasets.Dataset.from_parquet(str(p)))
-    elif p.suffix == ".json":
-        records = json.loads(p.read_text())
-    else:
-        records = read_jsonl(p)
-    if records and all(isinstance(r, dict) and "conversations" in r for r in records):
+    """Rows of a .jsonl, .json or .parquet file (read by `read_records`); a file that cannot be read, or a
+    row without a response, is a UserError naming the file (and the row)."""
+    try:
+        records = read_records(Path(path))
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    if all("conversations" in r for r in records):
         return [row for i, r in enumerate(records, 1) for row in conversation_rows(r, f"{path}: row {i}")]
     rows = [as_sft_row(r) for r in records]
-    if not records or any(r is None for r in rows):
-        found = ", ".join(sorted(records[0].keys())) if records else ""
-        raise UserError(f"{path}: no response text (need one of the columns {', '.join(RESPONSE_KEYS)} "
-                        f"with non-empty strings); columns found: {found or 'none (empty file)'}")
+    if None in rows:
+        i = rows.index(None)
+        raise UserError(f"{path}: row {i} (counting from 0) has no response text (need one of the columns "
+                        f"{', '.join(RESPONSE_KEYS)} with a non-empty string); columns found: "
+                        f"{', '.join(sorted(records[i])) or 'none'}")
     return rows
 
 

@@ -640,7 +640,7 @@ def training_step(run: Run) -> dict:
         batch, stats, samples = rollout(run, rows, rl_step, schedule)
         if run.step % a.eval_steps == 0 or run.step == 1:
             for s in samples:
-                append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s})
+                append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s, "step": run.step})
         metrics = {**stats, **rl_update(run, batch, use_hint_nll=ALGOS[a.algo][1])}
     run.scheduler.step()                      # the schedule counts training steps, not optimizer updates
     return {"phase": phase, **metrics}
@@ -659,8 +659,8 @@ def train(args) -> dict:
             metrics = training_step(run)
         except FloatingPointError as err:
             bar.close()
-            raise UserError(f"{err}: stopped; the last good checkpoint is in {run.out / 'checkpoint'} "
-                            "(try a lower --learning_rate)") from None
+            raise common.RunFailed(f"{err}: stopped; the last good checkpoint is in {run.out / 'checkpoint'} "
+                                   "(try a lower --learning_rate)") from None
         metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
         record_step(run, metrics, bar, last=step == steps)
     bar.close()
@@ -907,14 +907,17 @@ def add_to_budget(budget: dict, metrics: dict, batch_size: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def setup_run(args) -> Run:
-    """Models, rows and optimizer; a fresh run folder (with the base model's evaluation) or a resumed one."""
+    """Rows (checked before any model loads), models and optimizer; a fresh run folder (with the base
+    model's evaluation) or a resumed one."""
     out = Path(args.output_dir)
     resuming = bool(args.resume) and (out / "checkpoint" / "trainer_state.pt").exists()
+    if not resuming:
+        args.run_id = common.claim_run_folder(out, args.overwrite)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    train_rows, val_rows, test_rows = load_rows(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
                             trust_remote_code=args.trust_remote_code)
-    train_rows, val_rows, test_rows = load_rows(args)
     ref = None                              # sft-rft makes its reference when its RL phase starts
     if args.beta > 0 and args.algo not in ("sft", "sft-rft"):
         ref = frozen_copy(model)
@@ -922,16 +925,14 @@ def setup_run(args) -> Run:
         model = load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
         if args.algo == "sft-rft" and (out / "checkpoint" / "ref").exists():
             ref = load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "samples.jsonl", "eval_rewards.jsonl"):
-            (out / stale).unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     optimizer, scheduler = optimizer_for(args, model, phase_of(args.algo, 1, args.sft_steps))
     device = model.device if model.device.type != "cpu" else "cpu"
     run = Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
               train_rows=train_rows, test_rows=test_rows, val_rows=val_rows, rng=random.Random(args.seed),
               generator=torch.Generator(device=device).manual_seed(args.seed), out=out)
+    for split in ("train_rows", "val_rows", "test_rows"):
+        setattr(run, split, within_prompt_limit(run, getattr(run, split), split.split("_")[0]))
     if resuming:
         restore_checkpoint(run)
         print(f"resumed {out} at step {run.step}")
@@ -942,6 +943,24 @@ def setup_run(args) -> Run:
               f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
               f"({len(test_rows)} held-out problems)")
     return run
+
+
+def within_prompt_limit(run: Run, rows: list[dict], split: str) -> list[dict]:
+    """The rows whose question fits --max_prompt_length tokens; the others are skipped and counted on stderr
+    (a 20 MB question would otherwise fill memory in the sampler). No row left is a UserError."""
+    limit = run.args.max_prompt_length
+    kept = []
+    for row in rows:
+        if len(row["question"]) <= limit or len(run.encode(row["question"])) <= limit:  # chars >= tokens
+            kept.append(row)
+        else:
+            run.token_cache.pop(row["question"], None)
+    if len(kept) < len(rows):
+        print(f"{split}: {len(rows) - len(kept)} of {len(rows)} rows skipped: question longer than "
+              f"--max_prompt_length {limit} tokens", file=sys.stderr)
+    if rows and not kept:
+        raise UserError(f"no {split} rows left: every question is longer than --max_prompt_length {limit}")
+    return kept
 
 
 def record_step(run: Run, metrics: dict, bar, last: bool) -> None:
@@ -955,6 +974,7 @@ def record_step(run: Run, metrics: dict, bar, last: bool) -> None:
         metrics.update(run_eval(run))
         tqdm.write(f"step {run.step} | accuracy {metrics['eval_accuracy']:.3f}  "
                    f"reward {metrics['eval_reward']:.3f}  format {metrics['eval_format_rate']:.3f}")
+    common.fault_point("step")
     append_jsonl(run.out / "metrics.jsonl", metrics)
     shown = {"reward": "reward_mean", "acc": "train_accuracy", "hint": "hint_fraction", "loss": "loss"}
     bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
@@ -981,21 +1001,28 @@ def run_eval(run: Run, progress: bool = False) -> dict:
 
 
 def save_checkpoint(run: Run) -> None:
-    """model + tokenizer + optimizer/scheduler/RNG state (+ the reference when it is not the base model)."""
+    """model + tokenizer + optimizer/scheduler/RNG state (+ the reference when it is not the base model).
+
+    The trainer state holds tensors and plain types only, so it loads with weights_only=True."""
     def save(tmp: Path):
         run.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
         if run.ref is not None and run.args.algo == "sft-rft":
             run.ref.save_pretrained(tmp / "ref")
-        torch.save({"step": run.step, "budget": run.budget, "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict(), "rng": run.rng.getstate(),
-                    "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state()},
-                   tmp / "trainer_state.pt")
+        torch.save({"step": run.step, "run_id": getattr(run.args, "run_id", None), "budget": run.budget,
+                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                    "rng": run.rng.getstate(), "generator": run.generator.get_state(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
     save_atomically(save, run.out / "checkpoint")
 
 
 def restore_checkpoint(run: Run) -> None:
-    state = torch.load(run.out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    """Continue from the checkpoint: states back, and the run's logs cut back to its step (each file
+    replaced at once, so a kill mid-resume loses nothing)."""
+    state = common.load_state(run.out / "checkpoint" / "trainer_state.pt")
+    if state.get("run_id") != getattr(run.args, "run_id", None):
+        raise UserError(f"{run.out / 'checkpoint'}: belongs to run {state.get('run_id')}, not to the run "
+                        f"{getattr(run.args, 'run_id', None)} of {run.out / 'config.json'}; not resuming")
     run.step, run.budget = state["step"], state["budget"]
     a = run.args
     run.optimizer, run.scheduler = optimizer_for(a, run.model, phase_of(a.algo, run.step, a.sft_steps))
@@ -1004,9 +1031,10 @@ def restore_checkpoint(run: Run) -> None:
     run.rng.setstate(state["rng"])
     run.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    for name in ("metrics.jsonl", "eval_rewards.jsonl"):          # drop the steps after the checkpoint
-        kept = [m for m in read_jsonl(run.out / name) if m["step"] <= run.step]
-        (run.out / name).write_text("".join(json.dumps(m) + "\n" for m in kept))
+    for name in ("metrics.jsonl", "eval_rewards.jsonl", "samples.jsonl"):    # drop the steps after it
+        if (run.out / name).exists():
+            kept = [m for m in common.read_log(run.out / name) if m.get("step", 0) <= run.step]
+            common.rewrite_jsonl(run.out / name, kept)
 
 
 def paired_comparison(before: list[float], after: list[float]) -> dict:
@@ -1098,47 +1126,50 @@ MODEL_FLAGS = [
 FLAGS = {
     "algorithm": [
         ("algo", "uft", "what to train", {"choices": list(ALGOS)}),
-        ("T", 150, "training steps (sft-rft: its RL steps, after its SFT steps)"),
-        ("T_hint", 50, "steps with hints; no hint after it (plain RFT)"),
-        ("p_low", 0.05, "hint fraction at the end of the cosine decay"),
-        ("p_high", 0.5, "hint fraction at the start of the cosine decay (released GPU runs: 0.95)"),
+        ("T", 150, "training steps (sft-rft: its RL steps, after its SFT steps)", {"range": "[1, inf)"}),
+        ("T_hint", 50, "steps with hints; no hint after it (plain RFT)", {"range": "[1, inf)"}),
+        ("p_low", 0.05, "hint fraction at the end of the cosine decay", {"range": "[0, 1]"}),
+        ("p_high", 0.5, "hint fraction at the start of the cosine decay (released GPU runs: 0.95)",
+         {"range": "[0, 1]"}),
         ("hint_schedule", None, "override the algo's schedule (uft: cosine, r3: uniform, rft: none); "
                                 "staged = ablation", {"choices": SCHEDULES, "type": str}),
         ("sft_steps", None, "sft-rft: SFT steps before its T RFT steps (default: T, what --algo sft gets)",
-         {"type": int}),
+         {"type": int, "range": "[1, inf)"}),
         ("sft_epochs", None, "SFT length in passes over the training problems (sets T for sft, --sft_steps "
-                             "for sft-rft)", {"type": float}),
+                             "for sft-rft)", {"type": float, "range": "(0, inf)"}),
         ("sft_learning_rate", 2e-4, "SFT's AdamW learning rate (sft, and sft-rft's first phase; released GPU "
-                                    "runs: 1e-5)"),
-        ("sft_warmup_ratio", 0.0, "fraction of the SFT steps spent warming up (released GPU runs: 0.1)"),
+                                    "runs: 1e-5)", {"range": "(0, inf)"}),
+        ("sft_warmup_ratio", 0.0, "fraction of the SFT steps spent warming up (released GPU runs: 0.1)",
+         {"range": "[0, 1]"}),
     ],
     "objective": [
-        ("num_generations", 4, "G: rollouts per prompt (one group)"),
+        ("num_generations", 4, "G: rollouts per prompt (one group)", {"range": "[1, inf)"}),
         ("epsilon", 0.2, "PPO clip range; with one update per step (mini_batch_size = batch_size) the "
-                         "ratio is 1 and the clip never acts"),
-        ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model"),
-        ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)"),
-        ("sft_loss_coef", 0.001, "hint-token NLL coefficient (uft only; the released value; best on "
-                                 "validation in the ablation grid)"),
+                         "ratio is 1 and the clip never acts", {"range": "[0, 1]"}),
+        ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model", {"range": "[0, inf)"}),
+        ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)",
+         {"range": "[0, inf)"}),
+        ("sft_loss_coef", 0.001, "hint-token NLL coefficient (uft only; the released value, chosen on "
+                                 "validation)", {"range": "[0, inf)"}),
     ],
     "optimisation": [
-        ("batch_size", 32, "prompts per step (SFT: problems per step)"),
-        ("mini_batch_size", 32, "prompts per optimizer update (PPO mini-batch)"),
+        ("batch_size", 32, "prompts per step (SFT: problems per step)", {"range": "[1, inf)"}),
+        ("mini_batch_size", 32, "prompts per optimizer update (PPO mini-batch)", {"range": "[1, inf)"}),
         ("micro_batch_size", 64, "rows per forward pass (gradient accumulation); RL: rounded down to whole "
-                                 "groups"),
-        ("learning_rate", 2e-4, "AdamW learning rate (released GPU runs: 1e-6)"),
-        ("weight_decay", 0.01, "AdamW weight decay"),
+                                 "groups", {"range": "[1, inf)"}),
+        ("learning_rate", 2e-4, "AdamW learning rate (released GPU runs: 1e-6)", {"range": "(0, inf)"}),
+        ("weight_decay", 0.01, "AdamW weight decay", {"range": "[0, inf)"}),
         ("lr_scheduler", "cosine", "after warm-up; cosine decays to 0 at the last step (released GPU runs: "
                                    "constant)", {"choices": ["constant", "cosine"]}),
-        ("warmup_ratio", 0.0, "fraction of T spent warming up"),
-        ("max_grad_norm", 1.0, "gradient-norm clip"),
+        ("warmup_ratio", 0.0, "fraction of T spent warming up", {"range": "[0, 1]"}),
+        ("max_grad_norm", 1.0, "gradient-norm clip", {"range": "(0, inf)"}),
     ],
     "sampling": [
-        ("temperature", 1.0, "rollout temperature (eval is greedy)"),
-        ("top_p", 1.0, "nucleus sampling; 1 = off"),
-        ("top_k", 0, "top-k sampling; 0 = off"),
+        ("temperature", 1.0, "rollout temperature (eval is greedy)", {"range": "[0, inf)"}),
+        ("top_p", 1.0, "nucleus sampling; 1 = off", {"range": "(0, 1]"}),
+        ("top_k", 0, "top-k sampling; 0 = off", {"range": "[0, inf)"}),
         ("max_completion_length", None, "new tokens per rollout / eval answer (default 64; --data kk: 128)",
-         {"type": int}),
+         {"type": int, "range": "[1, inf)"}),
     ],
     "data": [
         ("data", "countdown", "'countdown' or 'kk' (built in), or a .parquet/.jsonl/.json file"),
@@ -1148,25 +1179,31 @@ FLAGS = {
          {"choices": list(tasks.TASKS)}),
         ("math_levels", None, "MATH rows: keep only these levels, comma-separated (the paper: 3,4,5); "
                               "default all", {"type": str}),
-        ("num_train", 5000, "training problems"),
-        ("num_test", 500, "held-out problems for evaluation"),
+        ("num_train", 5000, "training problems", {"range": "[1, inf)"}),
+        ("num_test", 500, "held-out problems for evaluation", {"range": "[1, inf)"}),
         ("num_val", 0, "built-in countdown: validation problems (disjoint from the held-out ones) to choose "
-                       "settings on; evaluated beside them as val_*"),
-        ("min_nums", 3, "built-in countdown: fewest numbers per problem (3-6)"),
-        ("max_nums", 3, "built-in countdown: most numbers per problem (3-6)"),
-        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (2-8; the paper: 3-7)"),
-        ("max_people", 3, "built-in K&K: most inhabitants per puzzle (2-8)"),
+                       "settings on; evaluated beside them as val_*", {"range": "[0, inf)"}),
+        ("min_nums", 3, "built-in countdown: fewest numbers per problem", {"range": "[3, 6]"}),
+        ("max_nums", 3, "built-in countdown: most numbers per problem", {"range": "[3, 6]"}),
+        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (the paper: 3-7)", {"range": "[2, 8]"}),
+        ("max_people", 3, "built-in K&K: most inhabitants per puzzle", {"range": "[2, 8]"}),
+        ("max_prompt_length", 1024, "rows whose question is longer (in tokens) are skipped and counted "
+                                    "(released runs: 256 countdown, 1024 MATH and K&K)",
+         {"range": "[1, inf)"}),
     ],
     "model": MODEL_FLAGS,
     "run": [
         ("output_dir", None, "run folder (default runs/<algo>-<time>)", {"type": str}),
-        ("resume", None, "a run folder to continue from its last checkpoint", {"type": str}),
+        ("overwrite", False, "replace the run that --output_dir holds (otherwise refused)",
+         {"action": "store_true"}),
+        ("resume", None, "a run folder to continue from its last checkpoint, with its saved flags (no "
+                         "other flag is accepted)", {"type": str}),
         ("eval_only", False, "only evaluate --model (or a run folder's checkpoint) on the held-out rows "
                              "(--test_data); writes the same metrics and samples", {"action": "store_true"}),
-        ("eval_steps", 25, "evaluate every this many steps"),
-        ("eval_batch_size", 256, "prompts per greedy eval batch"),
-        ("save_steps", 25, "checkpoint every this many steps"),
-        ("seed", 0, "data order, hints, sampling and initialisation"),
+        ("eval_steps", 25, "evaluate every this many steps", {"range": "[1, inf)"}),
+        ("eval_batch_size", 256, "prompts per greedy eval batch", {"range": "[1, inf)"}),
+        ("save_steps", 25, "checkpoint every this many steps", {"range": "[1, inf)"}),
+        ("seed", 0, "data order, hints, sampling and initialisation", {"range": "[0, inf)"}),
     ],
 }
 
@@ -1190,35 +1227,27 @@ def build_parser():
 
 
 def check_args(p, args) -> None:
-    """Invalid combinations fail at start, argparse-style (usage line + message, exit 2)."""
-    for name in ("T", "batch_size", "mini_batch_size", "micro_batch_size", "max_completion_length",
-                 "num_train", "num_test", "eval_steps", "save_steps", "eval_batch_size"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive (got {getattr(args, name)})")
-    if not 0 <= args.p_low <= args.p_high <= 1:
-        p.error(f"need 0 <= --p_low <= --p_high <= 1 (got p_low={args.p_low}, p_high={args.p_high})")
-    if not 0 < args.T_hint <= args.T:
+    """Invalid values and combinations fail at start, argparse-style (usage line + message, exit 2)."""
+    common.check_ranges(p, args, [MODEL_FLAGS, *FLAGS.values()])
+    if not args.p_low <= args.p_high:
+        p.error(f"need --p_low <= --p_high (got p_low={args.p_low}, p_high={args.p_high})")
+    if not args.T_hint <= args.T:
         p.error(f"--T_hint must be in 1..T={args.T} (got {args.T_hint})")
     if args.algo != "sft" and args.num_generations < 2:
         p.error(f"--num_generations must be >= 2 for --algo {args.algo}: group advantages need a group")
     if args.batch_size % args.mini_batch_size:
         p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size "
                 f"{args.mini_batch_size}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        p.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
-    if min(args.beta, args.entropy_coef, args.sft_loss_coef, args.epsilon, args.sft_warmup_ratio) < 0 or \
-            min(args.learning_rate, args.sft_learning_rate) <= 0:
-        p.error("--beta, --entropy_coef, --sft_loss_coef, --epsilon, --sft_warmup_ratio must be >= 0 and "
-                "--learning_rate, --sft_learning_rate > 0")
-    if not 3 <= args.min_nums <= args.max_nums <= 6:
-        p.error(f"need 3 <= --min_nums <= --max_nums <= 6 (got {args.min_nums}, {args.max_nums})")
-    if not tasks.KK_PEOPLE[0] <= args.min_people <= args.max_people <= tasks.KK_PEOPLE[1]:
-        p.error(f"need {tasks.KK_PEOPLE[0]} <= --min_people <= --max_people <= {tasks.KK_PEOPLE[1]} "
-                f"(got {args.min_people}, {args.max_people})")
-    if args.num_val < 0 or (args.num_val and args.data != "countdown"):
-        p.error("--num_val must be >= 0, and is for the built-in countdown only")
-    if args.data not in tasks.GENERATED and not Path(args.data).is_file():
-        p.error(f"--data {args.data!r}: not one of {', '.join(tasks.GENERATED)} and no such file")
+    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
+        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
+                f"{args.max_nums}, {args.min_people}, {args.max_people})")
+    if args.num_val and args.data != "countdown":
+        p.error("--num_val is for the built-in countdown only")
+    for name in ("data", "test_data"):
+        for path in (getattr(args, name) or "").split(","):
+            if path and path not in tasks.GENERATED and not Path(path.strip()).is_file():
+                where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
+                p.error(f"--{name} {path!r}: no such file{where}")
     if args.math_levels and not all(x.strip().isdigit() for x in args.math_levels.split(",")):
         p.error(f"--math_levels {args.math_levels!r}: give comma-separated level numbers, e.g. 3,4,5")
     resolve_sft_length(p, args)
@@ -1227,15 +1256,11 @@ def check_args(p, args) -> None:
 def resolve_sft_length(p, args) -> None:
     """--sft_epochs becomes steps (T for sft, --sft_steps for sft-rft); --sft_steps defaults to T."""
     if args.sft_epochs is not None:
-        if args.sft_epochs <= 0:
-            p.error(f"--sft_epochs must be positive (got {args.sft_epochs})")
         steps = math.ceil(args.sft_epochs * args.num_train / args.batch_size)
         args.T, args.sft_steps = (steps, args.sft_steps) if args.algo == "sft" else (args.T, steps)
         args.sft_epochs = None               # applied: a resumed run must not apply it again
     if args.sft_steps is None:
         args.sft_steps = args.T
-    if args.algo == "sft-rft" and args.sft_steps <= 0:
-        p.error(f"--sft_steps must be positive for sft-rft (got {args.sft_steps})")
 
 
 # Flags whose default depends on --data: (built-in countdown or a file, --data kk). A K&K run starts from
@@ -1256,10 +1281,18 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     if args.resume:
-        config = Path(args.resume) / "config.json"
-        if not (Path(args.resume) / "checkpoint" / "trainer_state.pt").exists() or not config.exists():
+        extra = [f"--{name}" for name in common.given_flags(build_parser, argv) if name != "resume"]
+        if extra:          # one behaviour: a resumed run is the run that was started, never a mix
+            p.error(f"--resume takes no other flag (got {' '.join(extra)}): a resumed run keeps its saved "
+                    "flags; start a new run (--output_dir) to change them")
+        folder = Path(args.resume)
+        common.recover_run_folder(folder)          # a kill during a checkpoint swap or a log rewrite
+        if not (folder / "checkpoint" / "trainer_state.pt").exists():
             p.error(f"--resume {args.resume!r}: no checkpoint there (expected checkpoint/trainer_state.pt)")
-        saved = json.loads(config.read_text())
+        try:
+            saved = common.read_config(folder)
+        except UserError as err:
+            p.error(str(err))
         saved.update(resume=args.resume, output_dir=args.resume)
         args = argparse.Namespace(**{**vars(p.parse_args([])), **saved})   # newer flags: their defaults
     if args.output_dir is None:
@@ -1276,22 +1309,22 @@ def evaluate_only(args) -> dict:
     import types
 
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "samples.jsonl", "eval_rewards.jsonl"):
-        (out / stale).unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    checkpoint = Path(args.model) / "checkpoint"
-    name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
-    model, tok = load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                            trust_remote_code=args.trust_remote_code)
+    args.run_id = common.claim_run_folder(out, args.overwrite)
     if args.test_data or args.data not in tasks.GENERATED:
         test_rows = read_rows(args, args.test_data or args.data)[: args.num_test]
     else:                                  # the built-in split's held-out side (it ignores num_train)
         test_rows = load_rows(argparse_copy(args, num_train=1))[2]
     if not test_rows:
         raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    checkpoint = Path(args.model) / "checkpoint"
+    name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
+    model, tok = load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                            trust_remote_code=args.trust_remote_code)
     view = types.SimpleNamespace(args=args, model=model, tokenizer=tok, test_rows=test_rows, val_rows=[],
-                                 out=out, step=0)            # what run_eval reads of a Run
+                                 out=out, step=0, token_cache={})          # what run_eval reads of a Run
+    view.encode = lambda text: Run.encode(view, text)
+    view.test_rows = within_prompt_limit(view, test_rows, "test")
     metrics = {"step": 0, **run_eval(view, progress=True)}
     append_jsonl(out / "metrics.jsonl", metrics)
     return {**metrics, "model": name, "n": len(test_rows)}
@@ -1313,18 +1346,29 @@ def print_evaluation(result: dict) -> None:
         print(f"  mean over sources: {result['eval_accuracy_source_mean']:.3f}")
 
 
+def where_to_resume(args) -> str:
+    """What a run that stops early prints last: its last checkpoint and the command that continues it."""
+    out = Path(args.output_dir)
+    state = out / "checkpoint" / "trainer_state.pt"
+    if args.eval_only or not state.exists():
+        return f"no checkpoint in {out}; run the same command with --overwrite to start again"
+    step = common.load_state(state)["step"]
+    return f"the last checkpoint is {state.parent} (step {step}); resume with: python uft.py --resume {out}"
+
+
 def main(argv=None) -> int:
+    """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
     args = parse_args(argv)
     quiet_libraries()
-    try:
-        start = time.time()
-        if args.eval_only:
-            print_evaluation(evaluate_only(args))
-            return 0
-        result = train(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return common.run_cli(lambda: run_and_report(args), lambda: where_to_resume(args))
+
+
+def run_and_report(args) -> int:
+    start = time.time()
+    if args.eval_only:
+        print_evaluation(evaluate_only(args))
+        return 0
+    result = train(args)
     minutes = (time.time() - start) / 60
     c = result["comparison"]
     verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else

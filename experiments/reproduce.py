@@ -140,8 +140,11 @@ def run_one(cmd: list[str], out: Path) -> str:
     """Run (or resume) one training run in its own single-thread process; done.json marks it finished."""
     if (out / "done.json").exists():
         return f"skip {out}"
-    if cmd[1] == "uft.py" and (out / "checkpoint" / "trainer_state.pt").exists():   # sft_go.py restarts
+    saved = (out / "checkpoint" / "trainer_state.pt").exists() or any(out.glob("checkpoint.old-*"))
+    if cmd[1] == "uft.py" and saved:                # (a kill mid-swap leaves .old-*); sft_go.py restarts
         cmd = [sys.executable, "uft.py", "--resume", str(out)]
+    elif (out / "config.json").exists():     # killed before its first checkpoint: start that run again
+        cmd = [*cmd, "--overwrite"]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import tasks  # noqa: E402
 
 CORPUS = [f"{a} + {b} = {a + b}\nthe answer is <answer> {a * b} </answer>" for a in range(30) for b in range(12)]
 
@@ -62,3 +63,26 @@ def llama(tokenizer):
 @pytest.fixture(scope="session")
 def gpt2(tokenizer):
     return make_gpt2(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a tokenizer trained on countdown text, saved like a user's model folder."""
+    rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-countdown"), rows, vocab_size=400)
+
+
+def uft_flags(model_dir, out, *extra):
+    """uft.py flags for a run of seconds: T = 4 steps of 2 prompts x 3 rollouts, evaluations and checkpoints
+    every 2 steps."""
+    return ["--model", str(model_dir), "--output_dir", str(out), "--device", "cpu", "--T", "4", "--T_hint", "3",
+            "--num_train", "24", "--num_test", "6", "--batch_size", "2", "--mini_batch_size", "1",
+            "--num_generations", "3", "--max_completion_length", "6", "--eval_steps", "2", "--save_steps", "2",
+            "--micro_batch_size", "4", "--learning_rate", "1e-3", *extra]
+
+
+TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")   # differ between two identical runs
+
+
+def metrics_of(out):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in common.read_jsonl(Path(out) / "metrics.jsonl")]

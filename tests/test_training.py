@@ -8,27 +8,9 @@ import torch
 import common
 import tasks
 import uft
-from conftest import make_llama, save_tiny_model
-
-TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds")
+from conftest import make_llama, metrics_of, uft_flags as flags
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama with a tokenizer trained on countdown text, saved like a user's model folder."""
-    rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-countdown"), rows, vocab_size=400)
-
-
-def flags(model_dir, out, *extra):
-    return ["--model", str(model_dir), "--output_dir", str(out), "--device", "cpu", "--T", "4", "--T_hint", "3",
-            "--num_train", "24", "--num_test", "6", "--batch_size", "2", "--mini_batch_size", "1",
-            "--num_generations", "3", "--max_completion_length", "6", "--eval_steps", "2", "--save_steps", "2",
-            "--micro_batch_size", "4", "--learning_rate", "1e-3", *extra]
-
-
-def metrics_of(out):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in common.read_jsonl(out / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("algo", list(uft.ALGOS))
@@ -62,7 +44,7 @@ def test_every_algo_trains_and_writes_a_complete_run_folder(tiny_dir, tmp_path, 
         assert (max(drawn) == 0) == (algo in ("rft", "sft-rft"))
 
 
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch, capsys):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert uft.main(flags(tiny_dir, whole, "--algo", "uft")) == 0
     real_step = uft.training_step
@@ -72,8 +54,9 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dir, tmp_pat
             raise KeyboardInterrupt
         return real_step(run)
     monkeypatch.setattr(uft, "training_step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        uft.main(flags(tiny_dir, split, "--algo", "uft"))
+    assert uft.main(flags(tiny_dir, split, "--algo", "uft")) == 130          # Ctrl-C: 128 + SIGINT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("stopped by SIGINT") and f"--resume {split}" in err and "(step 2)" in err
     monkeypatch.setattr(uft, "training_step", real_step)
     assert (split / "checkpoint" / "trainer_state.pt").exists()
     assert uft.main(["--resume", str(split)]) == 0
@@ -102,7 +85,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_
     assert uft.main(flags(tiny_dir, out, "--algo", "rft")) == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 3" in err and "checkpoint" in err
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2
     assert not list(out.glob("checkpoint.tmp-*"))
 
@@ -125,7 +108,7 @@ def test_bad_flags_fail_at_start_with_a_clear_message(bad, message, capsys):
 
 
 def test_missing_model_is_one_line_not_a_traceback(tmp_path, capsys):
-    assert uft.main(["--model", str(tmp_path / "missing" / "model"), "--output_dir", str(tmp_path / "o")]) == 1
+    assert uft.main(["--model", str(tmp_path / "missing" / "model"), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "no such folder" in err and len(err.splitlines()) == 1
 
@@ -178,7 +161,7 @@ def test_data_file_of_the_released_schema_trains_and_a_bad_row_is_named(tiny_dir
     broken = [dict(r) for r in rows]
     del broken[4]["target"]
     bad.write_text("".join(json.dumps(r) + "\n" for r in broken))
-    assert uft.main(flags(tiny_dir, tmp_path / "o2", "--data", str(bad))) == 1
+    assert uft.main(flags(tiny_dir, tmp_path / "o2", "--data", str(bad))) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "row 4" in err and "target" in err
 
