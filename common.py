@@ -1,5 +1,7 @@
 """What uft.py and sft_go.py share outside the methods: loading a model (hub id, local folder, GGUF file),
-the tokenizer and shape of the built-in tiny Llama, atomic saves, JSONL files, flag tables, quiet libraries.
+the tokenizer and shape of the built-in tiny Llama, atomic saves and their recovery after a kill, JSONL files,
+flag tables with checked ranges, run folders (identity, exit statuses, signals, fault injection for the crash
+tests), quiet libraries.
 
 Nothing here is part of UFT or SFT-GO; `uft.load_model` adds the built-in base models on top of
 `load_pretrained`.

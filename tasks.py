@@ -331,9 +331,9 @@ def read_records(path: Path) -> list[dict]:
         raise FileNotFoundError(f"no such data file: {path}")
     if kind == "parquet":
         try:
-            import datasets                   # imported here: it costs a second at `import uft`
-            records = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-        except Exception as e:  # datasets/pyarrow raise many types for a corrupt file; one clear message
+            import pyarrow.parquet            # imported here: it costs time at `import uft`
+            records = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises many types for a corrupt file; one clear message
             raise ValueError(f"{path}: could not be read as parquet [{type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:160]}]") from None
     else:
