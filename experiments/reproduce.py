@@ -78,11 +78,11 @@ GRIDS = {
                "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}},
     # SFT-GO (`sft_go.py`, one loss per run). Plain CE trains the same whatever the grouping; its two cells
     # only log the held-out loss of different groups, so each SFT-GO cell has a CE run to compare groups with.
-    "sftgo": {"about": "SFT-GO from the built-in base, 250 steps of 64 problems: plain CE, the worst-group "
+    "sftgo": {"about": "SFT-GO from the built-in base, 100 steps of 64 problems: plain CE, the worst-group "
                        "loss with TF-IDF / excess-loss / random groups (lambda 0.9, eta 0.3), Rho-1 at eta "
                        "0.6 and 0.3",
               "script": "sft_go.py", "common": [],
-              "flags": ["--model", "builtin", "--T", "250", "--eval_steps", "50"],
+              "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "50"],
               "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
                         "ce-excess": ["--loss", "ce", "--grouping", "excess"],
                         "go-tfidf": ["--loss", "go", "--grouping", "tfidf"],
