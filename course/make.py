@@ -81,7 +81,9 @@ def strip_solutions(source: str, where: str) -> tuple[str, int]:
         function = enclosing_function(lines, i)
         if function:                                   # a function body: the call fails loudly
             message = f"{function}: {what}".replace("\\", "\\\\").replace('"', '\\"')
-            out.append(f'{indent}raise NotImplementedError("{message}")')
+            line = f'{indent}raise NotImplementedError("{message}")'
+            out += [line] if len(line) <= 110 else [f"{indent}raise NotImplementedError(",
+                                                     f'{indent}    "{message}")']
         else:                                          # a notebook's top-level answer: keep its names
             names = assigned_names("\n".join(lines[i + 1: end]))
             out.append(f"{indent}# your code here: {what}")

@@ -38,7 +38,7 @@ def execute(path: Path, quick: bool = False, write: bool = True, timeout: int = 
             os.environ.pop("UFT_NOTEBOOK_QUICK", None)
         os.environ.update(env)
         start = time.time()
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                        resources={"metadata": {"path": str(path.parent)}}).execute()
         seconds = time.time() - start
     if write:
