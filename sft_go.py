@@ -124,12 +124,14 @@ def tfidf_scores(docs: list[list], idf_docs: list[list] | None = None) -> list[l
     >>> tfidf_scores([["a", "b", "a"], ["b"]])   # idf(a) = ln(3/2) + 1, idf(b) = 1
     [[2.8109302162163288, 1.0, 2.8109302162163288], [1.0]]
     """
+    # BEGIN SOLUTION: tf (count of the term in its document) * smooth idf, for every occurrence
     idf, unseen = smooth_idf(docs if idf_docs is None else idf_docs)
     out = []
     for doc in docs:
         tf = Counter(doc)
         out.append([tf[t] * idf.get(t, unseen) for t in doc])
     return out
+    # END SOLUTION
 
 
 def word_spans(text: str) -> list[tuple[int, int]]:
@@ -255,6 +257,7 @@ def top_eta_groups(scores: torch.Tensor, mask: torch.Tensor, eta: float = 0.3,
     >>> top_eta_groups(torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.0]]), torch.tensor([[1, 1, 1, 1, 0]]).bool(), 0.5)
     tensor([[ 0,  1,  1,  0, -1]])
     """
+    # BEGIN SOLUTION: 1: each row's top important_count(n, eta) (ties: earlier); 0: rest; -1 off mask
     if per == "batch":
         return top_eta_groups(scores.reshape(1, -1), mask.reshape(1, -1), eta).view_as(mask)
     ranked = scores.float().masked_fill(~mask, float("-inf"))                 # (B, L)
@@ -263,6 +266,7 @@ def top_eta_groups(scores: torch.Tensor, mask: torch.Tensor, eta: float = 0.3,
     k = important_count(mask.sum(-1), eta)                                    # (B,)
     groups = (rank < k[:, None]).long()
     return groups.masked_fill(~mask, UNSUPERVISED)
+    # END SOLUTION
 
 
 # --- The loss (docs/method.md section 9): per-token losses first, reductions second ---------------
@@ -311,6 +315,7 @@ def worst_group_loss(token_losses: torch.Tensor, groups: torch.Tensor, mask: tor
     >>> loss, stats["worst_group"]           # CE 2, L_0 = 1.5, L_1 = 3: 0.1 * 2 + 0.9 * 3
     (tensor(2.9000), 1)
     """
+    # BEGIN SOLUTION: (1 - lam) CE + lam * worst non-empty group mean (or weighted); and the stats
     if not mask.any():
         raise ValueError("worst_group_loss: no supervised token in the batch (every position is masked)")
     ce, _ = masked_mean(token_losses, mask, reduce)
@@ -328,6 +333,7 @@ def worst_group_loss(token_losses: torch.Tensor, groups: torch.Tensor, mask: tor
              "loss_unimportant": float(means[0]) if present[0] else None,
              "loss_important": float(means[1]) if present[1] else None}
     return loss, stats
+    # END SOLUTION
 
 
 def update_dro_weights(q: torch.Tensor, group_losses: torch.Tensor, present: torch.Tensor,

@@ -114,6 +114,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
     >>> filter_top_k_top_p(torch.tensor([[2.0, 1.0, 0.0]]), top_p=0.5)   # p = .67, .24, .09
     tensor([[2., -inf, -inf]])
     """
+    # BEGIN SOLUTION: top_k best logits (0: all), then the smallest top_p set (crossing token kept)
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]          # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -125,6 +126,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+    # END SOLUTION
 
 
 def draw_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -248,9 +250,11 @@ def hint_fraction(t: int, T_hint: int, p_low: float = 0.05, p_high: float = 0.95
     >>> [round(hint_fraction(t, 300), 3) for t in (1, 150, 300, 301)]
     [0.95, 0.5, 0.05, 0.0]
     """
+    # BEGIN SOLUTION: p(t) = p_low + (p_high - p_low)(1 + cos(pi t / T_hint)) / 2; 0.0 after T_hint
     if t > T_hint:
         return 0.0
     return p_low + 0.5 * (p_high - p_low) * (1 + math.cos(math.pi * t / T_hint))
+    # END SOLUTION
 
 
 def cut_points(num_fragments: int, max_chunks: int = 5) -> list[int]:
@@ -259,8 +263,10 @@ def cut_points(num_fragments: int, max_chunks: int = 5) -> list[int]:
     >>> cut_points(3), cut_points(12)
     ([0, 1, 2, 3], [0, 2, 5, 7, 10, 12])
     """
+    # BEGIN SOLUTION: [round(i * n / K) for i < K] + [n], K = min(max_chunks, n); [0] when n = 0
     K = min(max_chunks, num_fragments)
     return [round(i * num_fragments / K) for i in range(K)] + [num_fragments] if K else [0]
+    # END SOLUTION
 
 
 def hint_chunks(schedule: str, t: int, K: int, rng: random.Random, T_hint: int, p_low: float,
@@ -291,12 +297,14 @@ def sample_hint(fragments: list[str], schedule: str, t: int, rng: random.Random,
     >>> sample_hint(["1 + 2 = 3\\n", "3 * 4 = 12\\n", "Therefore, ..."], "cosine", 1, random.Random(0))
     ('1 + 2 = 3\\n3 * 4 = 12\\nTherefore, ...', 3, 1.0)
     """
+    # BEGIN SOLUTION: k chunks from hint_chunks -> (first cuts[k] fragments joined, cuts[k], k / K)
     cuts = cut_points(len(fragments), max_chunks)
     K = len(cuts) - 1
     if K == 0:
         return "", 0, 0.0
     k = hint_chunks(schedule, t, K, rng, T_hint, p_low, p_high)
     return "".join(fragments[: cuts[k]]), cuts[k], k / K
+    # END SOLUTION
 
 
 # ==========================================================================================================
@@ -311,9 +319,11 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     tensor([[ 0.7071, -0.7071],
             [ 0.0000,  0.0000]])
     """
+    # BEGIN SOLUTION: (r - group mean) / (unbiased group std + eps); a group of one has std 0
     mean = rewards.mean(-1, keepdim=True)
     std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
     return (rewards - mean) / (std + eps)
+    # END SOLUTION
 
 
 def policy_gradient_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -322,8 +332,10 @@ def policy_gradient_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages:
 
     logp, old_logp (N, L); advantages (N, 1) or (N, L) -> (N, L).
     """
+    # BEGIN SOLUTION: per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old)
     ratio = torch.exp(logp - old_logp)
     return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    # END SOLUTION
 
 
 KL_CLAMP = 10.0  # the released k3 value is clamped to [-10, 10]: beyond it the KL term has no gradient
@@ -336,8 +348,10 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     >>> kl_k3(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 5.0]))    # e^5 - 6 = 142.4 is clamped
     tensor([ 0., 10.])
     """
+    # BEGIN SOLUTION: exp(x) - x - 1, x = ref_logp - logp, clamped to [-KL_CLAMP, KL_CLAMP]
     x = (ref_logp - logp).clamp(-2 * KL_CLAMP, 2 * KL_CLAMP)   # changes nothing, keeps exp(x) finite
     return (torch.exp(x) - x - 1).clamp(-KL_CLAMP, KL_CLAMP)
+    # END SOLUTION
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None):
@@ -357,8 +371,10 @@ def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | None = 
 
     num_tokens: the denominator when the mean runs over an accumulated batch; 0 tokens give 0 (not NaN).
     """
+    # BEGIN SOLUTION: sum of -logp on the mask / num_tokens (default: mask count); 0 tokens give 0
     n = int(mask.sum()) if num_tokens is None else num_tokens
     return masked_sum(-logp, mask) / max(n, 1)
+    # END SOLUTION
 
 
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, entropy: torch.Tensor,
@@ -373,6 +389,7 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor |
     advantages (N,). n_response / n_hint: the whole mini-batch's token counts when this is one of its
     micro-batches (default: this batch's), so accumulated losses add up to the mini-batch's token means.
     Returns (loss, terms): each term's token mean as a float."""
+    # BEGIN SOLUTION: response terms (PPO-clip, beta KL, -entropy) / n_response + sft_loss_coef * hint NLL
     n_response = int(response_mask.sum()) if n_response is None else n_response
     adv = advantages[:, None]                                                       # (N, 1)
     per_token = policy_gradient_loss(logp, old_logp, adv, epsilon)                  # (N, L)
@@ -391,6 +408,7 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor |
         loss = loss + sft_loss_coef * nll
         terms["hint_nll"] = nll.item()
     return loss, terms
+    # END SOLUTION
 
 
 # ==========================================================================================================

@@ -69,17 +69,90 @@ def test_notebook_runs_top_to_bottom(path, this_python_kernel, monkeypatch):
     assert not errors
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_exercises_are_checked_by_an_assert(path):
-    nb = nbformat.read(path, as_version=4)
-    seen_exercise, checked = False, False
+def exercise_sections(nb) -> list[tuple[str, list]]:
+    """(heading, cells) of each '## Exercise' section: the cells up to the next '## ' heading."""
+    sections, current = [], None
     for cell in nb.cells:
-        if cell.cell_type == "markdown" and "Exercise" in cell.source:
-            seen_exercise = True
-        elif cell.cell_type == "code" and seen_exercise:
-            checked |= any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(cell.source)))
-    assert seen_exercise, "no markdown cell mentions an Exercise"
-    assert checked, "no code cell after the Exercise checks the answer with assert"
+        heading = next((line for line in cell.source.splitlines() if line.startswith("## ")), None)
+        if cell.cell_type == "markdown" and heading is not None:
+            current = (heading, []) if heading.startswith("## Exercise") else None
+            if current:
+                sections.append(current)
+        elif current:
+            current[1].append(cell)
+    return sections
+
+
+def checks_something(source: str) -> bool:
+    """An assert, or a call of a grading.expect_* helper (which raises with a message)."""
+    tree = ast.parse(source)
+    return any(isinstance(node, ast.Assert) for node in ast.walk(tree)) or any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr.startswith("expect")
+        for node in ast.walk(tree))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_have_a_marked_solution_and_a_check(path):
+    """At least two exercises, one of them code; each has a reference answer between solution markers (removed
+    from the student version by course/make.py); a code answer is followed by a cell that checks it (a written
+    answer is graded by reading)."""
+    sections = exercise_sections(nbformat.read(path, as_version=4))
+    assert len(sections) >= 2, f"{len(sections)} exercise(s)"
+    coded = 0
+    for heading, cells in sections:
+        code = [c.source for c in cells if c.cell_type == "code"]
+        written = [c.source for c in cells if c.cell_type == "markdown"]
+        answered = (any("# BEGIN SOLUTION" in c for c in code)
+                    or any("<!-- BEGIN SOLUTION -->" in c for c in written))
+        assert answered, f"{heading}: no answer between solution markers"
+        if any("# BEGIN SOLUTION" in c for c in code):
+            coded += 1
+            checks = [c for c in code if "# BEGIN SOLUTION" not in c]
+            assert any(checks_something(c) for c in checks), f"{heading}: no check"
+    assert coded >= 1, "no exercise where the student writes code"
+
+
+# Answers that only call the library: each must fail its check (grading.disabled switches the library off).
+DELEGATING = {
+    "02_countdown_and_rewards.ipynb": {
+        "my_extract_answer": "return tasks.extract_answer(text)",
+        "my_countdown_reward": "from tasks import countdown_reward\n"
+                               "    return countdown_reward(text, nums, target)"},
+    "03_hints_and_hint_decay.ipynb": {
+        "my_hint_fraction": "return uft.hint_fraction(t, T_hint, p_low, p_high)",
+        "my_cut_points": "return uft.cut_points(n, max_chunks)"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DELEGATING))
+def test_an_answer_that_calls_the_library_fails_its_check(name, this_python_kernel, monkeypatch):
+    monkeypatch.setenv("UFT_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("JUPYTER_PATH", str(this_python_kernel))
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    checks = {}
+    for index, cell in enumerate(nb.cells):
+        for function, body in DELEGATING[name].items():
+            if f"def {function}(" in cell.source:
+                head, rest = cell.source.split("    # BEGIN SOLUTION", 1)
+                cell.source = head + "    " + body + rest.split("# END SOLUTION", 1)[1]
+                checks[function] = next(i for i in range(index + 1, len(nb.cells))
+                                        if nb.cells[i].cell_type == "code")
+    assert checks.keys() == DELEGATING[name].keys()
+    NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
+    for function, index in checks.items():
+        errors = [o.ename for o in nb.cells[index].outputs if o.output_type == "error"]
+        assert errors == ["Disabled"], f"{function}: the check raised {errors or 'nothing'}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_states_its_measured_run_time_and_memory(path):
+    intro = nbformat.read(path, as_version=4).cells[0].source
+    assert "Run time and memory on this machine" in intro and "⟨timing⟩" not in intro
+    line = intro.split("Run time and memory on this machine")[1]
+    assert " s" in line and "GB" in line, line
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
