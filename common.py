@@ -1,15 +1,18 @@
 """What uft.py and sft_go.py share outside the methods: loading a model (hub id, local folder, GGUF file),
 the tokenizer and shape of the built-in tiny Llama, atomic saves and their recovery after a kill, JSONL files,
 flag tables with checked ranges, run folders (identity, exit statuses, signals, fault injection for the crash
-tests), quiet libraries.
+tests), quiet libraries; data parallelism under torchrun (one bannered section) and the one-device memory
+estimate.
 
 Nothing here is part of UFT or SFT-GO; `uft.load_model` adds the built-in base models on top of
 `load_pretrained`.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import dataclasses
 import errno
 import html
 import importlib.util
@@ -213,6 +216,7 @@ def backward(loss: torch.Tensor, step: int) -> None:
 def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     """Clip, step and clear the gradients; returns the pre-clip gradient norm. (The learning-rate schedule
     advances once per training step, in `training_step`, however many updates the step makes.)"""
+    all_reduce_gradients(model)        # torchrun: the ranks' shares of the gradient, summed (1 rank: nothing)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -244,6 +248,256 @@ def frozen_copy(model):
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ref
+
+
+# ==========================================================================================================
+# Data parallelism under torchrun: one process (rank) per device, each with its share of the step's prompts.
+# Without torchrun the world size is 1 and every helper below returns its input: the one-process path runs
+# exactly the code it runs without them. Gradients are summed by `all_reduce_gradients` in `optimizer_step`.
+# ==========================================================================================================
+
+@dataclasses.dataclass
+class DataParallel:
+    """This process's place in the job: set once by `init_distributed`, read by the helpers below."""
+    rank: int = 0
+    world_size: int = 1
+
+
+DP = DataParallel()
+
+
+def init_distributed(device: str = "auto") -> None:
+    """Join the torchrun job described by its environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), if any.
+
+    nccl between GPUs, gloo on CPU; each rank on CUDA takes the GPU numbered by its LOCAL_RANK.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    DP.rank, DP.world_size = dist.get_rank(), dist.get_world_size()
+    atexit.register(close_distributed)
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    DP.rank, DP.world_size = 0, 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that writes the run folder, logs, plots and checkpoints."""
+    return DP.rank == 0
+
+
+def _comm_device() -> torch.device:
+    """nccl moves CUDA tensors only; gloo CPU tensors."""
+    import torch.distributed as dist
+
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(value):
+    """The sum of `value` (an int, a float or a tensor) over the ranks; the value itself with one rank."""
+    import torch.distributed as dist
+
+    if DP.world_size == 1:
+        return value
+    t = torch.as_tensor(value, dtype=torch.float64).to(_comm_device())   # float64: exact for token counts
+    dist.all_reduce(t)
+    if isinstance(value, torch.Tensor):
+        return t.to(value.device, value.dtype)
+    return type(value)(t.item())
+
+
+def all_reduce_gradients(model) -> None:
+    """Sum every gradient over the ranks. Each rank's loss is its share of the global token mean (divided by
+    the global token count), so the sum is the one-process gradient; one tensor at a time keeps no second
+    copy of the gradients in memory (DDP buckets them to overlap with the backward: faster, same numbers)."""
+    import torch.distributed as dist
+
+    if DP.world_size == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+def broadcast_parameters(model) -> None:
+    """Every rank starts from rank 0's weights (as DDP does when it wraps a model)."""
+    import torch.distributed as dist
+
+    if DP.world_size == 1:
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def gather_in_order(items: list) -> list:
+    """The ranks' lists concatenated in rank order (picklable items: rewards, lengths, RNG states)."""
+    import torch.distributed as dist
+
+    if DP.world_size == 1:
+        return items
+    parts = [None] * DP.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def cat_over_ranks(t: torch.Tensor, fill=0) -> torch.Tensor:
+    """The ranks' (n,) or (n, L) tensors concatenated in rank order, per-token ones widened with `fill` to the
+    widest rank's L (the one-process batch's width); `t` itself with one process."""
+    if DP.world_size == 1:
+        return t
+    parts = gather_in_order([t.cpu()])
+    if t.dim() == 2:
+        parts = [widen(x, max(x.shape[1] for x in parts), fill) for x in parts]
+    return torch.cat(parts).to(t.device)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if DP.world_size > 1:
+        dist.barrier()
+
+
+def rank_block(num_rows: int) -> range:
+    """This rank's contiguous share of `num_rows` rows (evaluation): rank r gets rows [r n / W, (r+1) n / W).
+
+    Concatenating the ranks' shares in rank order gives back 0 .. n - 1, so gathered results keep row order.
+    """
+    return range(DP.rank * num_rows // DP.world_size, (DP.rank + 1) * num_rows // DP.world_size)
+
+
+def rank_rows(num_rows: int, update_size: int) -> list[int]:
+    """This rank's prompts of a step: its 1 / W of every optimizer update of `update_size` prompts, in order.
+
+    Update k holds prompts [k u, (k + 1) u) in one process; under torchrun each rank holds u / W of them, so
+    each optimizer update still sees exactly the prompts it sees in one process. A prompt's G rollouts stay
+    on the rank that owns the prompt (groups are never split).
+    >>> rank_rows(8, 4)     # one process: every prompt
+    [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    share = update_size // DP.world_size
+    return [start + DP.rank * share + i for start in range(0, num_rows, update_size) for i in range(share)]
+
+
+def rank_seed(seed: int) -> int:
+    """Rank r's sampling seed: rank 0 (and one process) keeps `seed`; other ranks draw their own streams."""
+    return seed + 1_000_003 * DP.rank
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Run the body on rank 0 alone, as a one-process job (e.g. building and caching the built-in base model),
+    then on the other ranks (which find the cache). With one process: just the body."""
+    if DP.world_size == 1:
+        yield
+        return
+    if is_main():
+        world, DP.world_size = DP.world_size, 1     # the body's updates and reductions are rank 0's alone
+        try:
+            yield
+        finally:
+            DP.world_size = world
+        barrier()
+    else:
+        barrier()
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory: what one device holds, estimated from the model's shape, so a user picks --micro_batch_size first
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelShape:
+    """What the memory estimate needs of a decoder-only transformer (Llama / Qwen2 / SmolLM layout)."""
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int         # MLP width
+    heads: int
+    kv_heads: int             # grouped-query attention: keys and values have fewer heads
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def llama_params(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                 tied: bool = True, qkv_bias: bool = False) -> int:
+    """Parameters of a Llama-layout model: embeddings (+ untied head), per layer attention, MLP, 2 norms."""
+    kv = kv_heads * (hidden // heads)
+    attention = 2 * hidden * hidden + 2 * hidden * kv + (hidden + 2 * kv if qkv_bias else 0)   # q, o; k, v
+    per_layer = attention + 3 * hidden * intermediate + 2 * hidden                    # gate, up, down; norms
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+
+
+# The paper's models, from the config.json of Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-3B on the
+# Hugging Face hub (num_hidden_layers, hidden_size, intermediate_size, num_attention_heads,
+# num_key_value_heads, vocab_size; all three tie their embeddings and have q/k/v biases).
+QWEN25 = {name: ModelShape(llama_params(*shape, tied=True, qkv_bias=True), *shape) for name, shape in {
+    "Qwen2.5-0.5B": (24, 896, 4864, 14, 2, 151936),
+    "Qwen2.5-1.5B": (28, 1536, 8960, 12, 2, 151936),
+    "Qwen2.5-3B": (36, 2048, 11008, 16, 2, 151936)}.items()}
+
+
+def model_shape(model) -> ModelShape:
+    """The shape of a loaded transformers model (its config; parameters counted)."""
+    c = model.config
+    return ModelShape(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size,
+                      c.intermediate_size, c.num_attention_heads,
+                      getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.vocab_size)
+
+
+def memory_estimate(shape: ModelShape, *, weight_bytes: int, activation_bytes: int, rows_per_pass: int,
+                    tokens_per_row: int, scored_per_row: int, rollout_rows: int, rollout_tokens: int,
+                    reference: bool, gradient_checkpointing: bool, logit_copies: int = 5) -> dict[str, int]:
+    """Bytes one device holds, term by term (P parameters, b = weight_bytes, a = activation_bytes):
+
+    weights P b; gradients P b; AdamW state 2 P b (two moments, in the weights' dtype); reference model P b;
+    activations of one micro-batch of n = rows_per_pass * tokens_per_row tokens:
+        n * layers * (10 hidden + 4 intermediate) * a     (what autograd keeps: ~10 hidden-wide tensors per
+                                                           layer - norms, q, k, v, attention output - and 4
+                                                           MLP-wide ones - gate, up, SiLU, their product)
+        with --gradient_checkpointing: n * layers * hidden * a (each layer's input) + one layer's share
+      + the logits of the scored tokens: rows_per_pass * scored_per_row * vocab * (a + 4 logit_copies)
+        (float32 copies kept for the backward: the log-softmax of the log-probs, the entropy's three, one
+        transient);
+    the sampling KV cache: rollout_rows * rollout_tokens * 2 (keys, values) * layers * kv_heads * head_dim * a
+    (the rollout's batch, or the greedy evaluation's when that is larger).
+    The cache is freed before scoring starts, so the peak is the model terms plus the larger of the two.
+    Attention score matrices (eager attention) and the framework itself are not counted.
+    """
+    P, s = shape.params, shape
+    per_token_layer = 10 * s.hidden + 4 * s.intermediate
+    n = rows_per_pass * tokens_per_row
+    kept = (n * s.layers * s.hidden + n * per_token_layer if gradient_checkpointing
+            else n * s.layers * per_token_layer)
+    logits = rows_per_pass * scored_per_row * s.vocab * (activation_bytes + 4 * logit_copies)
+    terms = {"weights": P * weight_bytes, "gradients": P * weight_bytes, "optimizer": 2 * P * weight_bytes,
+             "reference": P * weight_bytes if reference else 0,
+             "activations": kept * activation_bytes + logits,
+             "kv_cache": rollout_rows * rollout_tokens * 2 * s.layers * s.kv_heads * s.head_dim
+             * activation_bytes}
+    model_terms = sum(v for k, v in terms.items() if k not in ("activations", "kv_cache"))
+    return {**terms, "peak": model_terms + max(terms["activations"], terms["kv_cache"])}
+
+
+def format_bytes(n: float) -> str:
+    """Bytes for people: format_bytes(3.5e9) is '3.50 GB', format_bytes(2e6) '2.0 MB'."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 # ----------------------------------------------------------------------------------------------------------

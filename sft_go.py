@@ -18,6 +18,7 @@ Run:
     python sft_go.py --model meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16 --data alpaca.jsonl \\
         --loss ce,go --grouping classifier --classifier microsoft/llmlingua-2-xlm-roberta-large-meetingbank \\
         --learning_rate 1e-5 --T 1000 --batch_size 64 --micro_batch_size 8    # one GPU, a hub model
+    torchrun --nproc_per_node 2 sft_go.py --model <model> --device cuda     # data parallel (README)
     python sft_go.py --help     # every flag with its default
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 import common
 import tasks
 import uft
+import common
 from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,
                     make_optimizer, micro_batches, optimizer_step, plot_panels, read_jsonl, rows_for_step,
                     save_atomically, widen)
@@ -492,14 +494,17 @@ def micro_batch_backward(run: GoRun, index: list[int], batch: Batch, lam: float)
     tokens (go_reduce batch) or rows (per_sample). Returns (loss, and the whole batch's token losses,
     groups and mask (B, L), detached)."""
     a = run.args
-    total_tokens, loss_sum, kept = int(batch.target_mask.sum()), 0.0, []
+    # torchrun: each rank holds a share of the step's rows; its micro-batches are weighted by their share of
+    # every rank's tokens (rows), so the ranks act as micro-batches of one batch
+    total_tokens, loss_sum, kept = common.all_reduce_sum(int(batch.target_mask.sum())), 0.0, []
+    total_rows = common.all_reduce_sum(len(index))
     for part_index in micro_batches(len(index), a.micro_batch_size):
         part = batch.rows(part_index.to(batch.ids.device))
         rows = [index[i] for i in part_index.tolist()]
         losses, _, groups = scored_groups(run, "train", rows, part)               # (b, L) each
         loss, _ = objective(run, losses, groups, part.target_mask, lam)
         share = (int(part.target_mask.sum()) / total_tokens if a.go_reduce == "batch"
-                 else len(rows) / len(index))
+                 else len(rows) / total_rows)
         backward(loss * share, run.step)                   # refuses a non-finite loss
         loss_sum += float(loss.detach()) * share
         kept.append((losses.detach(), groups, part.target_mask))
@@ -517,11 +522,16 @@ def train_step(run: GoRun) -> dict:
     per_sample weights micro-batches by rows. The optimizer step itself is uft's (`optimizer_step`)."""
     a = run.args
     index = rows_for_step(len(run.rows["train"]), a.batch_size, run.step, a.seed)
+    index = [index[i] for i in common.rank_rows(len(index), a.batch_size)]    # torchrun: this rank's rows
     batch = batch_of(run.enc["train"], index, run.tokenizer.pad_token_id, run.model.device)
     lam = (lambda_at(run.step, a.T, a.lam, a.lam_schedule) if a.loss == "go"
            else float(a.loss == "rho1"))                  # ce: 0 (plain SFT); rho1: 1
     run.model.train()
     loss_sum, losses, groups, mask = micro_batch_backward(run, index, batch, lam)
+    # torchrun: the logged statistics cover every rank's rows (one process: its own, unchanged)
+    loss_sum = common.all_reduce_sum(loss_sum)
+    losses, groups, mask = (common.cat_over_ranks(t, fill) for t, fill in
+                            ((losses, 0.0), (groups, UNSUPERVISED), (mask, False)))
     _, stats = worst_group_loss(losses, groups, mask, lam, a.go_reduce)
     if stats["worst_group"] >= 0:
         run.switches += int(run.last_worst >= 0 and stats["worst_group"] != run.last_worst)
@@ -541,20 +551,24 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
     run.model.eval()
     sums, counts = torch.zeros(3), torch.zeros(3)          # unimportant, important, all
     test = run.rows["test"]
-    for part_index in micro_batches(len(test), run.args.micro_batch_size):
-        rows = part_index.tolist()
+    block = common.rank_block(len(test))                   # torchrun: this rank's rows (one process: all)
+    for part_index in micro_batches(len(block), run.args.micro_batch_size):
+        rows = (part_index + block.start).tolist()
         part = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
         losses, _, groups = scored_groups(run, "test", rows, part)
         for g, member in enumerate([groups == UNIMPORTANT, groups == IMPORTANT, part.target_mask]):
             sums[g] += float(torch.where(member, losses, 0.0).sum())
             counts[g] += float(member.sum())
+    sums, counts = common.all_reduce_sum(sums), common.all_reduce_sum(counts)     # every rank's rows
     mean = (sums / counts.clamp(min=1)).tolist()
     metrics = {"eval_loss_unimportant": mean[0], "eval_loss_important": mean[1], "eval_ce": mean[2]}
     if all(has_reward(r) for r in test):                   # a task's rows (countdown, K&K): greedy answers
         m, _ = uft.evaluate(run.model, run.tokenizer, test, run.args.max_completion_length,
                             run.args.eval_batch_size, progress=progress)
-        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": "eval",   # paired tests
-                                                     "rewards": m.pop("rewards")})
+        rewards = m.pop("rewards")
+        if common.is_main():                               # paired tests; torchrun: rank 0 writes
+            append_jsonl(run.out / "eval_rewards.jsonl",
+                         {"step": run.step, "split": "eval", "rewards": rewards})
         metrics.update({f"eval_{k}": v for k, v in m.items()})
     return metrics
 
@@ -629,8 +643,10 @@ def setup(args, rows: dict) -> GoRun:
     """Load the model, encode the rows, score tokens, build the reference; a fresh run folder."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                            trust_remote_code=args.trust_remote_code)
+    with common.main_rank_first():           # torchrun: rank 0 builds and caches the built-in base first
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                                trust_remote_code=args.trust_remote_code)
+    common.broadcast_parameters(model)       # torchrun: every rank starts from rank 0's weights
     grouping, _ = grouping_of(args)
     words = grouping == "classifier" or (grouping == "tfidf" and args.tfidf_unit == "word")
     if words:
@@ -638,11 +654,13 @@ def setup(args, rows: dict) -> GoRun:
     enc = {s: encode_rows(tok, rows[s], args.max_prompt_length, args.max_response_length, words)
            for s in rows}
     scores = static_scores(args, tok, rows, enc)
-    ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
-    out = Path(args.output_dir)                      # claimed by run_all (or a fresh one for a direct call)
-    if not hasattr(args, "run_id"):
-        args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False))
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    with common.main_rank_first():           # the cached reference: built once, by rank 0
+        ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
+    out = Path(args.output_dir)              # claimed by run_all (or a fresh one for a direct call)
+    if common.is_main():                     # torchrun: rank 0 alone writes the run folder
+        if getattr(args, "run_id", None) is None:
+            args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False))
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
                                           args.T, args.lr_scheduler)
     return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)
@@ -656,8 +674,10 @@ def train(args, rows: dict | None = None) -> dict:
         rows = dict(zip(("train", "test"), load_rows(args)))
     run = setup(args, rows)
     first = {"step": 0, **held_out(run, progress=True)}
-    append_jsonl(run.out / "metrics.jsonl", first)
-    bar = tqdm(range(1, args.T + 1), desc=run.out.name)
+    main_rank = common.is_main()             # torchrun: every rank holds the same metrics; rank 0 writes
+    if main_rank:
+        append_jsonl(run.out / "metrics.jsonl", first)
+    bar = tqdm(range(1, args.T + 1), desc=run.out.name, disable=not main_rank)
     for step in bar:
         run.step = step
         start = time.perf_counter()
@@ -669,16 +689,19 @@ def train(args, rows: dict | None = None) -> dict:
                        step_seconds=time.perf_counter() - start)
         if step % args.eval_steps == 0 or step == args.T:
             metrics.update(held_out(run))
-            tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
-                                                      if k.startswith("eval_") and k != "eval_length"))
+            if main_rank:
+                tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
+                                                          if k.startswith("eval_") and k != "eval_length"))
         common.fault_point("step")
-        append_jsonl(run.out / "metrics.jsonl", metrics)
+        if main_rank:
+            append_jsonl(run.out / "metrics.jsonl", metrics)
         bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"],
                         lam=f"{metrics['lam']:.2f}")
-        if step % args.save_steps == 0 or step == args.T:
+        if (step % args.save_steps == 0 or step == args.T) and main_rank:
             save_model(run.model, run.tokenizer, run.out / "checkpoint")
-    plot_losses(run.out)
-    write_samples_html(run, run.out / "samples.html", args.num_html_samples)
+    if main_rank:
+        plot_losses(run.out)
+        write_samples_html(run, run.out / "samples.html", args.num_html_samples)
     return {"output_dir": str(run.out), "base": first, "worst_switches": run.switches,
             **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
 
@@ -819,6 +842,16 @@ def where_to_restart(args) -> str:
     return f"{kept}sft_go.py has no --resume: run the same command with --overwrite to start again"
 
 
+def check_world(args) -> None:
+    """Under torchrun every rank takes an equal share of each step's rows; Group-DRO's weights q would
+    follow each rank's own micro-batches, so it stays a one-process option."""
+    world = common.DP.world_size
+    if world > 1 and args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} must be divisible by the {world} processes")
+    if world > 1 and args.go_mode == "dro" and "go" in args.losses:
+        raise UserError("--go_mode dro runs in one process only (each rank would update its own q)")
+
+
 def main(argv=None) -> int:
     """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
     args = parse_args(argv)
@@ -826,17 +859,23 @@ def main(argv=None) -> int:
 
 
 def run_all(args) -> int:
+    common.init_distributed(args.device)     # under torchrun: join the job (otherwise nothing happens)
+    check_world(args)
     rows = dict(zip(("train", "test"), load_rows(args)))          # bad rows are found before any model loads
     folders = run_folders(args)
-    if len(folders) > 1:                                          # the parent holds summary.txt
-        common.claim_run_folder(args.output_dir, args.overwrite)
-    ids = {name: common.claim_run_folder(folder, args.overwrite) for name, folder in folders.items()}
+    ids = dict.fromkeys(folders)
+    if common.is_main():                                          # torchrun: rank 0 alone owns the folders
+        if len(folders) > 1:                                      # the parent holds summary.txt
+            common.claim_run_folder(args.output_dir, args.overwrite)
+        ids = {name: common.claim_run_folder(folder, args.overwrite) for name, folder in folders.items()}
     results = {}
     for loss, (name, folder) in zip(args.losses, folders.items()):
         run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": folder,
                                          "run_id": ids[name]})
         start = time.time()
         results[name] = {**train(run_args, rows), "minutes": (time.time() - start) / 60}
+    if not common.is_main():
+        return 0
     table = summary_table({"base model": {**next(iter(results.values()))["base"], "minutes": 0.0},
                            **results})
     Path(args.output_dir, "summary.txt").write_text(table + "\n")

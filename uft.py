@@ -17,10 +17,12 @@ Run:
     python uft.py                                   # CPU: UFT on the built-in model and countdown, minutes
     python uft.py --model Qwen/Qwen2.5-0.5B --device cuda --dtype bfloat16   # one GPU, a hub model
     python uft.py --model <dir> --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF checkpoint
+    torchrun --nproc_per_node 4 uft.py --model Qwen/Qwen2.5-1.5B --device cuda --bf16   # 4 GPUs (README)
     python uft.py --help                            # every flag with its default
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -498,7 +500,9 @@ def score(model, batch: Batch, temperature: float, vocab_size: int, with_entropy
     (`grouped_forward_logits`: two passes, the same numbers).
     """
     H, L = batch.hint_mask.shape[1], batch.target_mask.shape[1]
-    if group_size > 1:
+    # gradient checkpointing drops the KV cache in train mode (the recompute would write it twice), and the
+    # grouped forward's second pass reads it: then run the plain forward (the same numbers)
+    if group_size > 1 and not (model.training and getattr(model, "is_activation_checkpointing", False)):
         logits = grouped_forward_logits(model, batch, group_size)                       # (N, H + L, V)
     else:
         logits = forward_logits(model, batch.ids, batch.attention, H + L)              # (N, H + L, V)
@@ -515,6 +519,10 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     """Hint each prompt, sample G continuations, reward them; return the training batch and rollout stats."""
     a, tok = run.args, run.tokenizer
     hints = [sample_hint(r["hint"], hint_schedule, step, run.rng, a.T_hint, a.p_low, a.p_high) for r in rows]
+    drawn = sum(f for _, _, f in hints) / len(hints)                               # mean k / K this step
+    # torchrun: every rank draws the whole step's hints (one shared rng), then keeps only its own prompts
+    mine = common.rank_rows(len(rows), a.mini_batch_size)
+    rows, hints = [rows[i] for i in mine], [hints[i] for i in mine]
     q_ids = [run.encode(r["question"]) for r in rows]
     h_ids = [[t for f in r["hint"][:n] for t in run.encode(f)] for r, (_, n, _) in zip(rows, hints)]
     prompts = [q + h for q, h in zip(q_ids, h_ids)]
@@ -529,21 +537,23 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + text)
                             for p, text in zip(owner, texts)])
     grouped = rewards.view(len(rows), a.num_generations)                          # (B, G)
-    drawn = sum(f for _, _, f in hints) / len(hints)                               # mean k / K this step
     scheduled = hint_fraction(step, a.T_hint, a.p_low, a.p_high)                    # p(t)
     adv = group_advantages(grouped).view(-1)                                       # (N,)
     batch = make_batch([prompts[p] for p in owner], completions, [len(h_ids[p]) for p in owner],
                        tok.pad_token_id, advantages=adv, device=run.model.device)
+    # torchrun: the logged statistics cover every rank's rollouts (one process: its own, unchanged)
+    rewards, lengths, finished = (common.cat_over_ranks(x) for x in (rewards, out.lengths, out.finished))
+    grouped = rewards.view(-1, a.num_generations)                                 # (B, G), all ranks
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
              "train_accuracy": float((rewards == 1.0).float().mean()),
              "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
              "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),  # >= 1 correct
              "hint_fraction": scheduled if hint_schedule == "cosine" else drawn,
              "hint_fraction_drawn": drawn,
-             "response_length": float(out.lengths.float().mean()),
-             "truncated": float((~out.finished).float().mean()),
-             "rollout_tokens": int(out.lengths.sum()),
-             "rollout_tokens_per_s": float(out.lengths.sum()) / max(seconds, 1e-9)}
+             "response_length": float(lengths.float().mean()),
+             "truncated": float((~finished).float().mean()),
+             "rollout_tokens": int(lengths.sum()),
+             "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9)}
     samples = [{"step": step, "hint": hints[p][0], "completion": texts[i], "reward": float(rewards[i])}
                for i, p in enumerate(owner[: a.num_generations])]
     return batch, stats, samples
@@ -585,7 +595,9 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
     so each forward pass runs a group's shared prompt once.
     """
     a, G = run.args, run.args.num_generations
-    rows_per_update, rows_per_pass = a.mini_batch_size * G, max(1, a.micro_batch_size // G) * G
+    # torchrun: each rank holds mini_batch_size / world_size prompts of every update (common.rank_rows)
+    rows_per_update = a.mini_batch_size // common.DP.world_size * G
+    rows_per_pass = max(1, a.micro_batch_size // G) * G
     updates = list(micro_batches(batch.ids.shape[0], rows_per_update))
     # later updates need the log-probs of the policy that sampled; a single update has them in its own graph
     old_logp = sampling_policy_logp(run, batch, rows_per_pass) if len(updates) > 1 else None
@@ -593,7 +605,9 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
     totals, norms = {}, []
     for update in updates:
         mini = batch.rows(update)
-        n_response, n_hint = int(mini.target_mask.sum()), int(mini.hint_mask.sum())
+        # token means over the whole update: under torchrun its tokens are on every rank, so count them all
+        n_response = common.all_reduce_sum(int(mini.target_mask.sum()))
+        n_hint = common.all_reduce_sum(int(mini.hint_mask.sum()))
         for index in micro_batches(update.numel(), rows_per_pass):
             part = mini.rows(index)
             old = None if old_logp is None else old_logp[update][index]
@@ -603,6 +617,8 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
                 totals[k] = totals.get(k, 0.0) + v / len(updates)
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(updates)
         norms.append(optimizer_step(run.model, run.optimizer, a.max_grad_norm))
+    # each rank's terms are its share of the global token means (global counts above): they add up
+    totals = {k: common.all_reduce_sum(v) for k, v in totals.items()}
     totals["grad_norm"] = sum(norms) / len(norms)
     totals["updates"] = len(updates)
     return totals
@@ -627,7 +643,8 @@ def sft_update(model, batch: Batch, vocab_size: int, optimizer, *, micro_batch_s
     The SFT loss of `--algo sft` and of sft-rft's first phase, of the built-in model's warm-up and of sft_go's
     plain-SFT reference: loss = sum over target tokens of -log pi / (number of target tokens).
     """
-    total, loss_sum = int(batch.target_mask.sum()), 0.0
+    # torchrun: the batch is this rank's share; the token mean runs over every rank's target tokens
+    total, loss_sum = common.all_reduce_sum(int(batch.target_mask.sum())), 0.0
     model.train()
     for index in micro_batches(batch.ids.shape[0], micro_batch_size):
         part = batch.rows(index)
@@ -636,6 +653,7 @@ def sft_update(model, batch: Batch, vocab_size: int, optimizer, *, micro_batch_s
         backward(loss, step)
         loss_sum += loss.item()
     norm = optimizer_step(model, optimizer, max_grad_norm)
+    loss_sum = common.all_reduce_sum(loss_sum)                 # the ranks' shares of the token mean
     return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": norm, "updates": 1}
 
 
@@ -645,6 +663,7 @@ def training_step(run: Run) -> dict:
     phase = phase_of(a.algo, run.step, a.sft_steps)
     rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, run.step, a.seed)]
     if phase == "sft":
+        rows = [rows[i] for i in common.rank_rows(len(rows), a.batch_size)]      # torchrun: this rank's share
         batch = sft_batch(run.tokenizer, rows, run.model.device, run.encode)
         metrics = sft_update(run.model, batch, len(run.tokenizer), run.optimizer,
                              micro_batch_size=a.micro_batch_size, max_grad_norm=a.max_grad_norm,
@@ -656,7 +675,7 @@ def training_step(run: Run) -> dict:
             run.ref = frozen_copy(run.model) if a.beta > 0 else None  # RFT stays near the SFT model
         schedule = a.hint_schedule or ALGOS[a.algo][0]
         batch, stats, samples = rollout(run, rows, rl_step, schedule)
-        if run.step % a.eval_steps == 0 or run.step == 1:
+        if (run.step % a.eval_steps == 0 or run.step == 1) and common.is_main():
             for s in samples:
                 append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s, "step": run.step})
         metrics = {**stats, **rl_update(run, batch, use_hint_nll=ALGOS[a.algo][1])}
@@ -670,7 +689,8 @@ def train(args) -> dict:
 
     run = setup_run(args)
     steps = total_steps(args)
-    bar = tqdm(range(run.step + 1, steps + 1), desc=args.algo, initial=run.step, total=steps)
+    bar = tqdm(range(run.step + 1, steps + 1), desc=args.algo, initial=run.step, total=steps,
+               disable=not common.is_main())
     for step in bar:
         run.step, start = step, time.perf_counter()
         try:
@@ -682,6 +702,8 @@ def train(args) -> dict:
         metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
         record_step(run, metrics, bar, last=step == steps)
     bar.close()
+    if not common.is_main():                 # torchrun: rank 0 writes the plot and reads the summary
+        return {}
     plot_run(run.out)
     return run_summary(run.out)
 
@@ -694,8 +716,11 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch
     from tqdm.auto import tqdm
 
     rewards, samples, lengths = [], [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, disable=not progress):
-        chunk = rows[start: start + batch_size]
+    block = common.rank_block(len(rows))              # torchrun: this rank's rows (one process: all of them)
+    mine = rows[block.start: block.stop]
+    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False,
+                      disable=not progress or not common.is_main()):
+        chunk = mine[start: start + batch_size]
         prompts = [tokenizer(r["question"], add_special_tokens=False)["input_ids"] for r in chunk]
         out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
         texts = tokenizer.batch_decode([out.ids[i, : out.lengths[i]].tolist() for i in range(len(chunk))],
@@ -706,6 +731,9 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch
                 shown = tasks.TASKS[tasks.task_of(row) or "countdown"].sample_fields
                 samples.append({**{k: row[k] for k in shown}, "completion": text, "reward": rewards[-1]})
         lengths.extend(out.lengths.tolist())
+    # torchrun: every rank's rewards, lengths and samples, in row order (one process: its own)
+    rewards, lengths = common.gather_in_order(rewards), common.gather_in_order(lengths)
+    samples = common.gather_in_order(samples)[:num_samples]
     r = torch.tensor(rewards)
     metrics = {"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
                "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths)}
@@ -929,13 +957,14 @@ def setup_run(args) -> Run:
     model's evaluation) or a resumed one."""
     out = Path(args.output_dir)
     resuming = bool(args.resume) and (out / "checkpoint" / "trainer_state.pt").exists()
-    if not resuming:
+    if not resuming and common.is_main():    # torchrun: rank 0 alone owns the run folder
         args.run_id = common.claim_run_folder(out, args.overwrite)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_rows, val_rows, test_rows = load_rows(args)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                            trust_remote_code=args.trust_remote_code)
+    with common.main_rank_first():           # torchrun: rank 0 builds and caches the built-in base first
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                                trust_remote_code=args.trust_remote_code)
     ref = None                              # sft-rft makes its reference when its RL phase starts
     if args.beta > 0 and args.algo not in ("sft", "sft-rft"):
         ref = frozen_copy(model)
@@ -943,23 +972,30 @@ def setup_run(args) -> Run:
         model = load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
         if args.algo == "sft-rft" and (out / "checkpoint" / "ref").exists():
             ref = load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    if common.is_main():                     # torchrun: rank 0 alone writes the run folder
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+        print(memory_report(args, model, tok, train_rows))
+    common.broadcast_parameters(model)       # torchrun: every rank starts from rank 0's weights
+    if args.gradient_checkpointing:          # recompute each layer in the backward: activations / layers
+        model.activation_checkpointing_enable({"use_reentrant": False})
     optimizer, scheduler = optimizer_for(args, model, phase_of(args.algo, 1, args.sft_steps))
     device = model.device if model.device.type != "cpu" else "cpu"
     run = Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
               train_rows=train_rows, test_rows=test_rows, val_rows=val_rows, rng=random.Random(args.seed),
-              generator=torch.Generator(device=device).manual_seed(args.seed), out=out)
+              generator=torch.Generator(device=device).manual_seed(common.rank_seed(args.seed)), out=out)
     for split in ("train_rows", "val_rows", "test_rows"):
         setattr(run, split, within_prompt_limit(run, getattr(run, split), split.split("_")[0]))
     if resuming:
         restore_checkpoint(run)
-        print(f"resumed {out} at step {run.step}")
+        if common.is_main():
+            print(f"resumed {out} at step {run.step}")
     else:
         first = {"step": 0, **run_eval(run, progress=True)}
-        append_jsonl(out / "metrics.jsonl", first)
-        print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  "
-              f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
-              f"({len(test_rows)} held-out problems)")
+        if common.is_main():
+            append_jsonl(out / "metrics.jsonl", first)
+            print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  "
+                  f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
+                  f"({len(test_rows)} held-out problems)")
     return run
 
 
@@ -990,10 +1026,12 @@ def record_step(run: Run, metrics: dict, bar, last: bool) -> None:
     metrics.update(run.budget)
     if run.step % a.eval_steps == 0 or last:
         metrics.update(run_eval(run))
-        tqdm.write(f"step {run.step} | accuracy {metrics['eval_accuracy']:.3f}  "
-                   f"reward {metrics['eval_reward']:.3f}  format {metrics['eval_format_rate']:.3f}")
+        if common.is_main():
+            tqdm.write(f"step {run.step} | accuracy {metrics['eval_accuracy']:.3f}  "
+                       f"reward {metrics['eval_reward']:.3f}  format {metrics['eval_format_rate']:.3f}")
     common.fault_point("step")
-    append_jsonl(run.out / "metrics.jsonl", metrics)
+    if common.is_main():                     # torchrun: every rank holds the same metrics; rank 0 logs
+        append_jsonl(run.out / "metrics.jsonl", metrics)
     shown = {"reward": "reward_mean", "acc": "train_accuracy", "hint": "hint_fraction", "loss": "loss"}
     bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
     if run.step % a.save_steps == 0 or last:
@@ -1009,8 +1047,11 @@ def run_eval(run: Run, progress: bool = False) -> dict:
             continue
         metrics, samples = evaluate(run.model, run.tokenizer, rows, a.max_completion_length,
                                     a.eval_batch_size, progress=progress)
-        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split,
-                                                     "rewards": metrics.pop("rewards")})
+        rewards = metrics.pop("rewards")
+        if not common.is_main():             # torchrun: every rank has the gathered results; rank 0 writes
+            out.update({f"{split}_{k}": v for k, v in metrics.items()})
+            continue
+        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split, "rewards": rewards})
         if split == "eval":
             for s in samples:
                 append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": run.step, **s})
@@ -1021,7 +1062,12 @@ def run_eval(run: Run, progress: bool = False) -> dict:
 def save_checkpoint(run: Run) -> None:
     """model + tokenizer + optimizer/scheduler/RNG state (+ the reference when it is not the base model).
 
-    The trainer state holds tensors and plain types only, so it loads with weights_only=True."""
+    The trainer state holds tensors and plain types only, so it loads with weights_only=True. Under torchrun
+    every rank calls it: the ranks' sampling streams are gathered, and rank 0 writes."""
+    streams = common.gather_in_order([(run.generator.get_state(), torch.get_rng_state())])
+    if not common.is_main():
+        return
+
     def save(tmp: Path):
         run.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
@@ -1030,7 +1076,7 @@ def save_checkpoint(run: Run) -> None:
         torch.save({"step": run.step, "run_id": getattr(run.args, "run_id", None), "budget": run.budget,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                     "rng": run.rng.getstate(), "generator": run.generator.get_state(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+                    "torch_rng": torch.get_rng_state(), "rank_streams": streams}, tmp / "trainer_state.pt")
     save_atomically(save, run.out / "checkpoint")
 
 
@@ -1047,8 +1093,16 @@ def restore_checkpoint(run: Run) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.rng.setstate(state["rng"])
-    run.generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    streams = state.get("rank_streams") or [(state["generator"], state["torch_rng"])]
+    if len(streams) == common.DP.world_size:     # each rank continues its own sampling stream
+        generator_state, torch_state = streams[common.DP.rank]
+        run.generator.set_state(generator_state)
+        torch.set_rng_state(torch_state)
+    elif common.is_main():                       # another world size: the ranks' streams start afresh
+        print(f"resume: the checkpoint has {len(streams)} rank(s)' sampling streams, this job "
+              f"{common.DP.world_size}: rollouts restart from their seeds (updates are unaffected)")
+    if not common.is_main():
+        return
     for name in ("metrics.jsonl", "eval_rewards.jsonl", "samples.jsonl"):    # drop the steps after it
         if (run.out / name).exists():
             kept = [m for m in common.read_log(run.out / name) if m.get("step", 0) <= run.step]
@@ -1181,6 +1235,11 @@ FLAGS = {
                                    "constant)", {"choices": ["constant", "cosine"]}),
         ("warmup_ratio", 0.0, "fraction of T spent warming up", {"range": "[0, 1]"}),
         ("max_grad_norm", 1.0, "gradient-norm clip", {"range": "(0, inf)"}),
+        ("gradient_checkpointing", False, "recompute each layer in the backward: activations shrink about "
+                                          "layers-fold for one more forward's compute",
+         {"action": "store_true"}),
+        ("bf16", False, "bf16 autocast of the forward passes (meant for CUDA); weights and AdamW state stay "
+                        "in --dtype", {"action": "store_true"}),
     ],
     "sampling": [
         ("temperature", 1.0, "rollout temperature (eval is greedy)", {"range": "[0, inf)"}),
@@ -1327,24 +1386,28 @@ def evaluate_only(args) -> dict:
     import types
 
     out = Path(args.output_dir)
-    args.run_id = common.claim_run_folder(out, args.overwrite)
+    if common.is_main():                     # torchrun: rank 0 alone owns the run folder
+        args.run_id = common.claim_run_folder(out, args.overwrite)
     if args.test_data or args.data not in tasks.GENERATED:
         test_rows = read_rows(args, args.test_data or args.data)[: args.num_test]
     else:                                  # the built-in split's held-out side (it ignores num_train)
         test_rows = load_rows(argparse_copy(args, num_train=1))[2]
     if not test_rows:
         raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    if common.is_main():
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     checkpoint = Path(args.model) / "checkpoint"
     name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
-    model, tok = load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                            trust_remote_code=args.trust_remote_code)
+    with common.main_rank_first():
+        model, tok = load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                                trust_remote_code=args.trust_remote_code)
     view = types.SimpleNamespace(args=args, model=model, tokenizer=tok, test_rows=test_rows, val_rows=[],
                                  out=out, step=0, token_cache={})          # what run_eval reads of a Run
     view.encode = lambda text: Run.encode(view, text)
     view.test_rows = within_prompt_limit(view, test_rows, "test")
     metrics = {"step": 0, **run_eval(view, progress=True)}
-    append_jsonl(out / "metrics.jsonl", metrics)
+    if common.is_main():
+        append_jsonl(out / "metrics.jsonl", metrics)
     return {**metrics, "model": name, "n": len(test_rows)}
 
 
@@ -1374,6 +1437,49 @@ def where_to_resume(args) -> str:
     return f"the last checkpoint is {state.parent} (step {step}); resume with: python uft.py --resume {out}"
 
 
+def check_world(args) -> None:
+    """Under torchrun every rank takes an equal share of each optimizer update's prompts."""
+    world = common.DP.world_size
+    if world > 1 and (args.batch_size % world or args.mini_batch_size % world):
+        raise UserError(f"--batch_size {args.batch_size} and --mini_batch_size {args.mini_batch_size} must "
+                        f"both be divisible by the {world} processes")
+
+
+def bf16_autocast(args):
+    """--bf16: forward passes in bfloat16 where autocast deems it safe (matmuls); weights stay in --dtype."""
+    if not args.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(common.resolve_device(args.device).type, dtype=torch.bfloat16)
+
+
+def memory_report(args, model, tokenizer, rows: list[dict]) -> str:
+    """The start-of-run line: `common.memory_estimate` for this model and these flags, on one device."""
+    def lengths(texts):
+        return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    sample = rows[:200]
+    question = lengths([r["question"] for r in sample])
+    hint = lengths(["".join(r.get("hint") or [""]) for r in sample])        # a full hint, the longest case
+    answer = lengths([r.get("answer") or "" for r in sample]) + 1           # + EOS
+    G, world = args.num_generations, common.DP.world_size
+    rl = args.algo != "sft"
+    completion = hint + args.max_completion_length if rl else answer        # scored tokens per row
+    rows_per_pass = max(1, args.micro_batch_size // G) * G if rl else args.micro_batch_size
+    eval_rows = min(args.eval_batch_size, -(-args.num_test // world))          # a greedy batch, this rank
+    sampled = max(args.batch_size // world * G if rl else 0, eval_rows)       # rows sampled at once
+    terms = common.memory_estimate(
+        common.model_shape(model), weight_bytes=DTYPES[args.dtype].itemsize,
+        activation_bytes=2 if args.bf16 or args.dtype != "float32" else 4, rows_per_pass=rows_per_pass,
+        tokens_per_row=question + completion, scored_per_row=completion, rollout_rows=sampled,
+        rollout_tokens=question + hint + args.max_completion_length, reference=rl and args.beta > 0,
+        gradient_checkpointing=args.gradient_checkpointing, logit_copies=5 if rl else 2)
+    f = common.format_bytes
+    return (f"memory estimate per device: weights {f(terms['weights'])} + gradients {f(terms['gradients'])} "
+            f"+ AdamW {f(terms['optimizer'])} + reference {f(terms['reference'])} + the larger of "
+            f"activations {f(terms['activations'])} ({rows_per_pass} rows x {question + completion} tokens "
+            f"a micro-batch) and sampling KV cache {f(terms['kv_cache'])} ({sampled} rows): peak about "
+            f"{f(terms['peak'])}; too much? lower --micro_batch_size or add --gradient_checkpointing")
+
+
 def main(argv=None) -> int:
     """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
     args = parse_args(argv)
@@ -1382,11 +1488,18 @@ def main(argv=None) -> int:
 
 
 def run_and_report(args) -> int:
+    common.init_distributed(args.device)     # under torchrun: join the job (otherwise nothing happens)
+    check_world(args)
     start = time.time()
     if args.eval_only:
-        print_evaluation(evaluate_only(args))
+        result = evaluate_only(args)
+        if common.is_main():
+            print_evaluation(result)
         return 0
-    result = train(args)
+    with bf16_autocast(args):
+        result = train(args)
+    if not common.is_main():
+        return 0
     minutes = (time.time() - start) / 60
     c = result["comparison"]
     verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
