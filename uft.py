@@ -995,7 +995,7 @@ def setup_run(args) -> Run:
             append_jsonl(out / "metrics.jsonl", first)
             print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  "
                   f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
-                  f"({len(test_rows)} held-out problems)")
+                  f"({len(run.test_rows)} held-out problems)")
     return run
 
 
