@@ -72,6 +72,15 @@ def worker(rank, world, port, jobs):
     common.close_distributed()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The one-process runs use one thread like each rank: matmuls split over threads add in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_two_ranks(*jobs):
     """jobs: (script, argv, fake sampler and reward?) run one after another by the same 2 processes."""
     mp.spawn(worker, args=(2, free_port(), list(jobs)), nprocs=2, join=True)
