@@ -42,6 +42,16 @@ def save_tiny_model(folder, rows, vocab_size):
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs compared with single-threaded subprocesses use one thread too: matmuls split over threads add
+    in another order, and a few training steps carry the difference past any tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_gpt2(tokenizer, seed=0):
     """GPT-2 has absolute position embeddings: a wrong position id under left padding changes its output."""
     from transformers import GPT2Config, GPT2LMHeadModel

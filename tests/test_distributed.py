@@ -25,6 +25,8 @@ from conftest import make_llama
 TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds", "minutes")
 REAL_GENERATE, REAL_REWARD = uft.generate, tasks.reward
 
+pytestmark = pytest.mark.usefixtures("one_thread")    # each rank runs one thread too
+
 
 def fake_generate(model, tokenizer, prompts, *, num_generations=1, max_new_tokens=64, temperature=1.0,
                   **options):
@@ -70,15 +72,6 @@ def worker(rank, world, port, jobs):
         install_fakes(fakes)
         assert {"uft": uft, "sft_go": sft_go}[script].main(argv) == 0
     common.close_distributed()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The one-process runs use one thread like each rank: matmuls split over threads add in another order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_two_ranks(*jobs):

@@ -21,6 +21,8 @@ from conftest import metrics_of, uft_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread")    # the crashed runs are single-threaded too
+
 
 # --- the checkpoint swap and the run's logs -----------------------------------------------------------------
 
