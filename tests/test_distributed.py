@@ -20,7 +20,6 @@ import common
 import sft_go
 import tasks
 import uft
-from conftest import make_llama
 
 TIMING = ("step_seconds", "rollout_tokens_per_s", "train_seconds", "minutes")
 REAL_GENERATE, REAL_REWARD = uft.generate, tasks.reward
@@ -77,16 +76,6 @@ def worker(rank, world, port, jobs):
 def run_two_ranks(*jobs):
     """jobs: (script, argv, fake sampler and reward?) run one after another by the same 2 processes."""
     mp.spawn(worker, args=(2, free_port(), list(jobs)), nprocs=2, join=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
-    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
-    folder = tmp_path_factory.mktemp("tiny-dp")
-    make_llama(tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def uft_flags(model_dir, out, *extra):

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import common
-import tasks
 import uft
 from conftest import make_llama
 
@@ -68,16 +67,6 @@ def test_grouped_scoring_falls_back_to_one_pass_under_gradient_checkpointing(tok
     broken = uft.grouped_forward_logits(model, batch, 2)[:, H:]                 # what the guard avoids
     plain = uft.forward_logits(model, batch.ids, batch.attention, H + L)[:, H:]
     assert not torch.allclose(broken[:, 1:], plain[:, 1:], atol=1e-3)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    rows = tasks.generate_countdown(300, seed=5, min_nums=3, max_nums=3)
-    tok = common.build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=400)
-    folder = tmp_path_factory.mktemp("tiny-memory")
-    make_llama(tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def run_flags(model_dir, out, *extra):
