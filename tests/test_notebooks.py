@@ -184,6 +184,16 @@ def test_notebook_states_its_measured_run_time_and_memory(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_plot_says_what_you_should_see(path):
+    """The first markdown cell after a cell that draws a figure tells the reader what to look for."""
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and any("image/png" in o.get("data", {}) for o in cell.outputs):
+            after = next((c.source for c in nb.cells[index + 1:] if c.cell_type == "markdown"), "")
+            assert "What you should see" in after, f"cell {index}: a figure with no 'What you should see' under it"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_defines_no_copy_of_a_project_function(path):
     nb = nbformat.read(path, as_version=4)
     defined = {node.name for source in code_cells(nb) for node in ast.walk(ast.parse(source))
