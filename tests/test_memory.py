@@ -81,9 +81,12 @@ def test_checkpointing_gives_the_same_step_and_the_estimate_is_printed(tiny_dir,
     by more than rounding: AdamW divides by the gradient's size, so near-zero gradients that differ in their
     last bits move a weight by up to +-lr.)"""
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
-    assert uft.main(run_flags(tiny_dir, plain)) == 0
+    # a random model's rollouts all get reward 0 (no policy gradient) and the KL is 0 at step 1: long hints and
+    # a full-weight NLL on them make sure step 1 has a gradient to compare
+    signal = ["--p_low", "0.9", "--p_high", "0.9", "--sft_loss_coef", "1"]
+    assert uft.main(run_flags(tiny_dir, plain, *signal)) == 0
     assert "memory estimate per device" in capsys.readouterr().out
-    assert uft.main(run_flags(tiny_dir, checkpointed, "--gradient_checkpointing")) == 0
+    assert uft.main(run_flags(tiny_dir, checkpointed, *signal, "--gradient_checkpointing")) == 0
     a, b = (common.read_jsonl(out / "metrics.jsonl")[1] for out in (plain, checkpointed))
     for key in ("loss", "pg_loss", "kl", "entropy", "hint_nll", "grad_norm", "reward_mean"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
