@@ -316,15 +316,19 @@ def sample_hint(fragments: list[str], schedule: str, t: int, rng: random.Random,
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantage: A = (r - mean_group) / (std_group + eps), unbiased std. rewards (B, G) -> (B, G).
 
-    A group whose rewards are all equal gets A = 0: it carries no policy-gradient signal.
+    A group whose rewards are all equal gets A = 0 exactly: it carries no policy-gradient signal. (In float32
+    a group of eight 0.1s has mean 0.1 + 7e-9 and std 8e-9, which gives A = -0.0074 for every sample; Adam
+    turns that into full-size steps against every sampled answer. docs/method.md, deviation 9.)
     >>> group_advantages(torch.tensor([[1.0, 0.0], [0.1, 0.1]]))
     tensor([[ 0.7071, -0.7071],
             [ 0.0000,  0.0000]])
     """
-    # BEGIN SOLUTION: (r - group mean) / (unbiased group std + eps); a group of one has std 0
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
-    return (rewards - mean) / (std + eps)
+    # BEGIN SOLUTION: (r - group mean) / (unbiased group std + eps) in float64; equal groups (and G = 1) get 0
+    r = rewards.double()
+    mean = r.mean(-1, keepdim=True)
+    std = r.std(-1, keepdim=True) if r.shape[-1] > 1 else torch.zeros_like(mean)
+    equal = (rewards == rewards[..., :1]).all(-1, keepdim=True)                     # (B, 1)
+    return torch.where(equal, 0.0, (r - mean) / (std + eps)).to(rewards.dtype)
     # END SOLUTION
 
 
@@ -546,7 +550,7 @@ def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[
     grouped = rewards.view(-1, a.num_generations)                                 # (B, G), all ranks
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
              "train_accuracy": float((rewards == 1.0).float().mean()),
-             "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+             "zero_std_groups": float((grouped == grouped[:, :1]).all(-1).float().mean()),  # A = 0
              "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),  # >= 1 correct
              "hint_fraction": scheduled if hint_schedule == "cosine" else drawn,
              "hint_fraction_drawn": drawn,

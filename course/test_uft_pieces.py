@@ -157,6 +157,9 @@ def test_group_advantages_equal_rewards_give_zero():
     expect_close(got, torch.zeros(2, 3), "groups with equal rewards: no signal, A = 0 (and no NaN)")
     one = uft.group_advantages(torch.tensor([[1.0], [0.1]]))
     expect_close(one, torch.zeros(2, 1), "groups of one sample: A = 0, not NaN")
+    for G in (8, 16):  # float32 rounding: the naive formula gives -0.0074 for each of eight 0.1s
+        expect_close(uft.group_advantages(torch.full((1, G), 0.1)), torch.zeros(1, G),
+                     f"{G} equal rewards of 0.1: exactly 0 (compute the statistics in float64)", tol=0)
 
 
 def test_group_advantages_invariants():

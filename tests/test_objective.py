@@ -64,6 +64,17 @@ def test_group_advantages():
     assert a[0].sum().abs() < 1e-5
 
 
+@pytest.mark.parametrize("G", [8, 16])
+def test_equal_float32_rewards_give_exactly_zero_advantage(G):
+    r = torch.full((3, G), 0.1)                      # float32 0.1: the naive mean and std are off by ~1e-8
+    naive = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-6)
+    assert naive.abs().max() > 1e-3                  # the rounding this guards against is real here
+    assert torch.equal(uft.group_advantages(r), torch.zeros(3, G))
+    mixed = torch.cat([torch.full((1, G), 0.1), torch.tensor([[1.0] + [0.1] * (G - 1)])])
+    a = uft.group_advantages(mixed)
+    assert torch.equal(a[0], torch.zeros(G)) and a[1, 0] > 0 and abs(float(a[1].sum())) < 1e-5
+
+
 def terms(logp, old, adv, ref, mask, eps=0.2, beta=0.1):
     pg = uft.policy_gradient_loss(logp, old, adv, eps)
     return uft.masked_sum(pg + beta * uft.kl_k3(logp, ref), mask) / mask.sum()
