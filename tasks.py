@@ -1106,6 +1106,120 @@ def load_sft_rows(path: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Search tree: the setting of the paper's sample-complexity theorem, one rewarded leaf among B^H
+# ----------------------------------------------------------------------------------------------------------
+# A tree id names a B-ary tree of height H with one secret root-to-leaf path. The prompt gives the id, H and
+# the B choices; the answer names one choice per level (one hint fragment each), then " .". Nothing in the
+# prompt reveals the path: only reward (RL) or the path itself (SFT, hints) can teach it, so finding it by
+# sampling costs about B^H rollouts per tree, which is what the theorem says hints avoid.
+
+TREE_LETTERS = "abcdefgh"  # the choices at every level: the first B letters
+
+
+TREE_SOURCE = "tree"  # the data_source of tree rows
+
+
+TREE_IDS = {"test": (0, 500), "validation": (500, 1000), "warmup": (1000, 100_000)}  # disjoint id ranges
+
+
+def tree_question(tree_id: int, B: int, H: int) -> str:
+    """The prompt: the tree's id, its height and its choices.
+
+    >>> tree_question(7, 3, 4)
+    'Path 7 (4 steps, choices a b c):'
+    """
+    return f"Path {tree_id} ({H} steps, choices {' '.join(TREE_LETTERS[:B])}):"
+
+
+def tree_path(tree_id: int, B: int, H: int) -> str:
+    """The secret path of a tree: H letters among the first B, a stable function of (id, B, H).
+
+    >>> tree_path(7, 3, 4), tree_path(7, 3, 4) == tree_path(7, 3, 4), len(tree_path(8, 2, 10))
+    ('aaba', True, 10)
+    """
+    rng = random.Random(zlib.crc32(f"tree:{tree_id}:{B}:{H}".encode()))
+    return "".join(rng.choice(TREE_LETTERS[:B]) for _ in range(H))
+
+
+def make_tree_row(tree_id: int, B: int, path: str) -> dict:
+    """A row of the released schema: one hint fragment per choice, the answer ends with " ."
+
+    >>> row = make_tree_row(7, 3, "caaa")
+    >>> row["question"], row["hint"], row["answer"]
+    ('Path 7 (4 steps, choices a b c):', [' c', ' a', ' a', ' a'], ' c a a a .')
+    """
+    fragments = [f" {c}" for c in path]
+    return {"question": tree_question(tree_id, B, len(path)), "hint": fragments,
+            "answer": "".join(fragments) + " .", "data_source": TREE_SOURCE,
+            "ground_truth": {"tree_id": tree_id, "branching": B, "path": path}}
+
+
+def tree_ids(num: int, seed: int, which: str = "test") -> list[int]:
+    """`num` distinct ids from one id range (TREE_IDS), drawn by `seed`: a seed is a set of trees."""
+    lo, hi = TREE_IDS[which]
+    return random.Random(seed).sample(range(lo, hi), num)
+
+
+def generate_trees(num: int, seed: int, B: int, H: int, which: str = "test") -> list[dict]:
+    """Rows of `num` trees with their own secret paths (tree_path)."""
+    return [make_tree_row(i, B, tree_path(i, B, H)) for i in tree_ids(num, seed, which)]
+
+
+def tree_warmup_rows(num: int, seed: int, B_range=(2, 3), H_range=(1, 10)) -> list[dict]:
+    """Rows that teach the format and nothing about any path: warm-up ids (never trained or evaluated on),
+    random B and H, and a uniformly random path per row (an id that repeats gets another path), so a model
+    fit to them answers an unseen id with each choice equally likely."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        B, H = rng.randint(*B_range), rng.randint(*H_range)
+        path = "".join(rng.choice(TREE_LETTERS[:B]) for _ in range(H))
+        rows.append(make_tree_row(rng.randrange(*TREE_IDS["warmup"]), B, path))
+    return rows
+
+
+def tree_split(num_train: int, num_test: int, seed: int, B: int = 3, H: int = 4,
+               which: str = "test") -> tuple[list[dict], list[dict]]:
+    """(train, test) = the same num_train trees: the task is to find each tree's path, not to generalise
+    (no prompt says anything about another tree's path). num_test is ignored."""
+    rows = generate_trees(num_train, seed, B, H, which)
+    return rows, rows
+
+
+def tree_reward(text: str, ground_truth: dict) -> float:
+    """1.0 for the secret path, 0.1 for a well-formed wrong path (H choices among the B, then "."), else 0.
+
+    `text` is prompt + completion; the answer is what follows the prompt's closing "):".
+    >>> gt = {"tree_id": 7, "branching": 3, "path": "caaa"}
+    >>> [tree_reward("Path 7 (4 steps, choices a b c):" + a, gt) for a in (" c a a a .", " a a a a .", " c a")]
+    [1.0, 0.1, 0.0]
+    """
+    _, sep, answer = text.partition("):")
+    words = answer.split()
+    path, B = ground_truth["path"], ground_truth["branching"]
+    if not sep or words[-1:] != ["."] or len(words) != len(path) + 1:
+        return REWARD_NONE
+    if any(w not in TREE_LETTERS[:B] or len(w) != 1 for w in words[:-1]):
+        return REWARD_NONE
+    return REWARD_CORRECT if "".join(words[:-1]) == path else REWARD_WRONG
+
+
+def validate_tree_row(row: dict, index: int, source: str) -> dict:
+    """A file row of the tree task: question, hint, answer and ground_truth (tree_id, branching, path)."""
+    fields = _text_fields(row, index, source)
+    truth = row.get("ground_truth")
+    if not isinstance(truth, dict) or not {"tree_id", "branching", "path"} <= set(truth):
+        raise _row_error(source, index, "ground_truth", "must hold tree_id, branching and path")
+    B = _as_int(truth["branching"])
+    if B is None or not 2 <= B <= len(TREE_LETTERS):
+        raise _row_error(source, index, "ground_truth.branching", f"must be 2..{len(TREE_LETTERS)}")
+    if not isinstance(truth["path"], str) or not truth["path"] or set(truth["path"]) - set(TREE_LETTERS[:B]):
+        raise _row_error(source, index, "ground_truth.path", f"must be letters among {TREE_LETTERS[:B]!r}")
+    return {**fields, "data_source": TREE_SOURCE,
+            "ground_truth": {"tree_id": truth["tree_id"], "branching": B, "path": truth["path"]}}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The task interface
 # ----------------------------------------------------------------------------------------------------------
 
@@ -1135,10 +1249,12 @@ TASKS = {
                (KK_SOURCE, "kk"), ("data_source", "ground_truth")),
     "math": Task("math", lambda row, text: math_reward(text, row["target"]), validate_math_row, _no_generator,
                  MATH_SOURCES, ("data_source", "target", "level")),
+    "tree": Task("tree", lambda row, text: tree_reward(text, row["ground_truth"]), validate_tree_row, tree_split,
+                 (TREE_SOURCE,), ("data_source", "ground_truth")),
 }
 
 
-GENERATED = ("countdown", "kk")  # --data values that generate rows instead of reading a file
+GENERATED = ("countdown", "kk", "tree")  # --data values that generate rows instead of reading a file
 
 
 def task_of(row: dict, default: str = "countdown") -> str | None:

@@ -772,9 +772,14 @@ def builtin_init(folder: Path, seed: int = 0, task: str = "countdown") -> Path:
         return folder
     from transformers import LlamaForCausalLM
 
-    rows = (generate_countdown(2000, seed=10_000 + seed) if task == "countdown"
-            else tasks.generate_kk(2000, seed=10_000 + seed, min_people=2, max_people=4))
-    tok = build_tokenizer([r["question"] + r["answer"] for r in rows], vocab_size=1024)
+    if task == "tree":        # prompts and single choices only: no token may span two choices
+        rows = tasks.tree_warmup_rows(2000, seed=10_000 + seed)
+        corpus = [piece for r in rows for piece in [r["question"], *tasks.answer_pieces(r)]]
+    else:
+        rows = (generate_countdown(2000, seed=10_000 + seed) if task == "countdown"
+                else tasks.generate_kk(2000, seed=10_000 + seed, min_people=2, max_people=4))
+        corpus = [r["question"] + r["answer"] for r in rows]
+    tok = build_tokenizer(corpus, vocab_size=1024)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(len(tok), tok.pad_token_id, tok.eos_token_id))
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -810,11 +815,17 @@ BASE_RECIPES = {r["name"]: r for r in (
     # K&K (--data kk's default model): SFT on deduction traces of 2-3 inhabitants, a quarter of the countdown
     # warm-up's tokens-worth of steps because a trace is ~2.5x as long as a countdown answer
     {**BASE_RECIPE, "name": "builtin-kk", "version": 1, "task": "kk", "min_people": 2, "max_people": 3,
-     "num_problems": 10_000, "steps": 300, "batch_size": 32})}
+     "num_problems": 10_000, "steps": 300, "batch_size": 32},
+    # the search tree (--data tree): the format on random paths of warm-up ids (B 2-3, H 1-10), so an unseen
+    # tree's first choice is uniform over its B letters
+    {**BASE_RECIPE, "name": "builtin-tree", "version": 1, "task": "tree", "num_problems": 20_000,
+     "steps": 300})}
 
 
 def warmup_rows(recipe: dict) -> list[dict]:
     """A base recipe's SFT rows: its task's problems, never from the held-out part of problem space."""
+    if recipe.get("task") == "tree":
+        return tasks.tree_warmup_rows(recipe["num_problems"], seed=recipe["seed"])
     if recipe.get("task", "countdown") == "kk":
         return tasks.generate_kk(recipe["num_problems"], seed=recipe["seed"], min_people=recipe["min_people"],
                                  max_people=recipe["max_people"], heldout=False)
@@ -1178,6 +1189,10 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
         people = dict(min_people=args.min_people, max_people=args.max_people)
         train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
         return train, [], test
+    if args.data == "tree":                     # num_train trees, trained and evaluated on (tasks.tree_split)
+        train, test = tasks.tree_split(args.num_train, 0, args.seed, args.tree_branching, args.tree_height,
+                                       args.tree_ids)
+        return train, [], test
     rows = read_rows(args, args.data)
     test_rows = read_rows(args, args.test_data) if args.test_data else None
     if test_rows is not None:
@@ -1253,7 +1268,7 @@ FLAGS = {
          {"type": int, "range": "[1, inf)"}),
     ],
     "data": [
-        ("data", "countdown", "'countdown' or 'kk' (built in), or a .parquet/.jsonl/.json file"),
+        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.jsonl/.json file"),
         ("test_data", None, "held-out file(s), comma-separated (default: the first num_test rows of --data)",
          {"type": str}),
         ("task", "countdown", "the task of file rows without a data_source (rows with one use its task)",
@@ -1268,6 +1283,10 @@ FLAGS = {
         ("max_nums", 3, "built-in countdown: most numbers per problem", {"range": "[3, 6]"}),
         ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (the paper: 3-7)", {"range": "[2, 8]"}),
         ("max_people", 3, "built-in K&K: most inhabitants per puzzle", {"range": "[2, 8]"}),
+        ("tree_branching", 3, "built-in tree: B, choices per level", {"range": "[2, 8]"}),
+        ("tree_height", 4, "built-in tree: H, levels (the path has H choices)", {"range": "[1, 20]"}),
+        ("tree_ids", "test", "built-in tree: the id range the seed draws trees from (choose settings on "
+                             "'validation')", {"choices": ["test", "validation"]}),
         ("max_prompt_length", 1024, "rows whose question is longer (in tokens) are skipped and counted "
                                     "(released runs: 256 countdown, 1024 MATH and K&K)",
          {"range": "[1, inf)"}),
@@ -1344,16 +1363,18 @@ def resolve_sft_length(p, args) -> None:
         args.sft_steps = args.T
 
 
-# Flags whose default depends on --data: (built-in countdown or a file, --data kk). A K&K run starts from
-# the K&K base and needs room for a trace (2-3 inhabitants: ~60 tokens, at most ~120; countdown ~40).
-DATA_DEFAULTS = {"model": (BUILTIN, "builtin-kk"), "max_completion_length": (64, 128)}
+# Flags whose default depends on --data: (built-in countdown or a file, --data kk, --data tree). A K&K run
+# starts from the K&K base and needs room for a trace (2-3 inhabitants: ~60 tokens, at most ~120; countdown
+# ~40); a tree answer is one token per level, " ." and EOS.
+DATA_DEFAULTS = {"model": (BUILTIN, "builtin-kk", "builtin-tree"), "max_completion_length": (64, 128, 24)}
 
 
 def data_defaults(args, table: dict = DATA_DEFAULTS) -> None:
-    """Fill the flags left at None from `table` by --data."""
-    for flag, (other, kk) in table.items():
+    """Fill the flags left at None from `table` by --data (a table without a tree column: kk's value)."""
+    column = {"kk": 1, "tree": 2}.get(args.data, 0)
+    for flag, values in table.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, kk if args.data == "kk" else other)
+            setattr(args, flag, values[min(column, len(values) - 1)])
 
 
 def parse_args(argv=None):
