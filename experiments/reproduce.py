@@ -36,6 +36,12 @@ RUNS, RESULTS = ROOT / "experiments" / "runs", ROOT / "experiments" / "results"
 SEEDS = (0, 1, 2)
 ALGOS = ("sft", "rft", "sft-rft", "r3", "uft")
 HORIZON = (3, 4, 5)    # numbers per problem in the horizon grid: n - 1 arithmetic steps
+# The theorem grid: a B-ary tree of height H with one rewarded leaf (`--data tree`), one tree per seed.
+THEOREM_HEIGHTS = {2: (1, 2, 4, 6, 8, 10), 3: (1, 2, 3, 4, 5, 6)}
+THEOREM_CAP = 600          # training steps of 8 rollouts before a run is censored (4,800 rollouts)
+THEOREM_METHODS = {        # the settings chosen on validation trees (docs/sparse-rewards.md)
+    "rft": ["--algo", "rft"], "r3": ["--algo", "r3"], "uft": ["--algo", "uft"],
+    "hints": ["--algo", "uft", "--sft_loss_coef", "0"], "sft": ["--algo", "sft"]}
 KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
@@ -108,6 +114,37 @@ GRIDS = {
                             "--eval_batch_size", "16", "--max_completion_length", "192",
                             "--max_response_length", "192"],
                   "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}},
+    "theorem": {"about": "the search tree of the paper's theorem: one secret path among B^H, one tree per "
+                         f"seed, 8 rollouts per step, until greedy accuracy reaches 0.5 (cap {THEOREM_CAP} "
+                         "steps)",
+                "common": ["--eval_steps", "1", "--save_steps", "100"],
+                "flags": ["--data", "tree", "--model", "builtin-tree", "--num_train", "1", "--batch_size", "1", "--mini_batch_size", "1",
+                          "--num_generations", "8", "--T", str(THEOREM_CAP), "--T_hint", "100",
+                          "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--sft_learning_rate",
+                          "1e-3", "--sft_loss_coef", "1", "--stop_at", "0.5"],
+                "cells": {f"{m}-B{B}-H{H}": [*flags, "--tree_branching", str(B), "--tree_height", str(H)]
+                          for B, heights in THEOREM_HEIGHTS.items() for H in heights
+                          for m, flags in THEOREM_METHODS.items()}},
+    # What lets RL learn from rare successes (docs/sparse-rewards.md): validation trees only, 4 per run
+    "sparse": {"about": "4 validation trees of B = 3, H = 4 (81 leaves) per run, 8 rollouts per tree per step, "
+                        "until greedy accuracy reaches 0.5 (cap 200 steps): learning rate, skipping silent "
+                        "updates, the KL weight, the hint-NLL weight",
+               "common": ["--eval_steps", "2", "--save_steps", "100"],
+               "flags": ["--data", "tree", "--model", "builtin-tree", "--tree_ids", "validation",
+                         "--tree_branching", "3", "--tree_height", "4", "--num_train", "4", "--batch_size", "4",
+                         "--mini_batch_size", "4", "--num_generations", "8", "--T", "200", "--T_hint", "100",
+                         "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--sft_learning_rate", "1e-3",
+                         "--stop_at", "0.5"],
+               "cells": {"rft-lr2e-4": ["--algo", "rft", "--learning_rate", "2e-4"],
+                         "rft": ["--algo", "rft"],
+                         "rft-skip": ["--algo", "rft", "--skip_silent_updates"],
+                         "rft-skip-beta0.05": ["--algo", "rft", "--skip_silent_updates", "--beta", "0.05"],
+                         "uft-nll0.001": ["--algo", "uft"],
+                         "uft-nll1": ["--algo", "uft", "--sft_loss_coef", "1"],
+                         "uft-nll1-skip": ["--algo", "uft", "--sft_loss_coef", "1", "--skip_silent_updates"],
+                         "hints-skip": ["--algo", "uft", "--sft_loss_coef", "0", "--skip_silent_updates"],
+                         "sft": ["--algo", "sft"]},
+               "seeds": (0, 1)},
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
                         "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
@@ -220,6 +257,7 @@ def load_run(out: Path) -> dict | None:
     train = [m for m in metrics if m.get("phase") == "rl"]
     evals = [m for m in metrics if "eval_accuracy" in m or "eval_ce" in m]
     return {"metrics": metrics, "evals": evals, "done": json.loads((out / "done.json").read_text()),
+            "config": json.loads((out / "config.json").read_text()),
             "test_rewards": [r["rewards"] for r in rewards if r["split"] == "eval"],
             "solved": statistics.mean(m["solved_groups"] for m in train) if train else None,
             "zero_std": statistics.mean(m["zero_std_groups"] for m in train) if train else None}
@@ -389,6 +427,112 @@ def plot_horizon(runs: dict) -> Path:
     return RESULTS / "horizon-steps.png"
 
 
+def solve_time(run: dict, target: float = 0.5) -> dict:
+    """Rollouts (RL samples; SFT: demonstrations), optimizer steps and seconds until greedy accuracy first
+    reaches `target`; censored at the run's last step when it never does."""
+    G = 1 if run["config"]["algo"] == "sft" else run["config"]["num_generations"]
+    at = next((m for m in run["evals"] if m["eval_accuracy"] >= target), None)
+    last = at or run["metrics"][-1]
+    return {"rollouts": last.get("problems_seen", 0) * G, "steps": last.get("optimizer_steps", 0),
+            "seconds": last.get("train_seconds", 0.0), "censored": at is None}
+
+
+def solve_table(runs: dict) -> list[str]:
+    """Per cell: the cost until greedy accuracy first reaches 0.5, and the policy's state at the end."""
+    lines = ["## Until greedy accuracy first reaches 0.5 (mean ± std over seeds; censored runs count at the cap)",
+             "", "| cell | solved | rollouts | optimizer steps | final format rate | final entropy | final KL |",
+             "|---|---|---|---|---|---|---|"]
+    for cell, seeds_ in runs.items():
+        done = [r for r in seeds_ if r]
+        if not done:
+            continue
+        times = [solve_time(r) for r in done]
+        rl = [[m for m in r["metrics"] if m.get("phase") == "rl"] for r in done]
+        lines.append(f"| {cell} | {sum(not t['censored'] for t in times)}/{len(times)} | "
+                     f"{mean_std([t['rollouts'] for t in times], 0)} | {mean_std([t['steps'] for t in times], 0)} | "
+                     f"{mean_std([r['evals'][-1]['eval_format_rate'] for r in done], 2)} | "
+                     f"{mean_std([x[-1]['entropy'] if x else None for x in rl], 3)} | "
+                     f"{mean_std([x[-1]['kl'] if x else None for x in rl], 3)} |")
+    return lines
+
+
+def growth_rate(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(1 + rollouts) against H: the per-level growth factor is exp(slope)."""
+    import math
+    if len({h for h, _ in points}) < 2:
+        return None
+    xs, ys = [h for h, _ in points], [math.log1p(r) for _, r in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def theorem_tables(runs: dict, seeds) -> list[str]:
+    """Per cell: seeds solved and the cost to solve; per method and B: the fitted growth per level."""
+    import math
+    lines = ["## Cost until greedy accuracy first reaches 0.5 (mean ± std over seeds; censored runs count at "
+             "the cap)", "", "| method | B | H | solved | rollouts (SFT: demonstrations) | optimizer steps | "
+             "seconds | B^H/4 |", "|" + "---|" * 8]
+    fits = ["", "## Growth per level (least-squares slope of log(1 + rollouts) against H, per seed)", "",
+            "| method | B | growth factor per level, exp(slope) | ln-slope | seeds with a censored height |",
+            "|---|---|---|---|---|"]
+    for B, heights in THEOREM_HEIGHTS.items():
+        for m in THEOREM_METHODS:
+            per_seed = {}
+            for H in heights:
+                done = [r for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
+                if not done:
+                    continue
+                times = [solve_time(r) for r in done]
+                for r, t in zip(done, times):
+                    per_seed.setdefault(r["config"]["seed"], []).append((H, t))
+                lines.append(f"| {m} | {B} | {H} | {sum(not t['censored'] for t in times)}/{len(times)} | "
+                             f"{mean_std([t['rollouts'] for t in times], 0)} | "
+                             f"{mean_std([t['steps'] for t in times], 0)} | "
+                             f"{mean_std([t['seconds'] for t in times], 1)} | {B ** H / 4:g} |")
+            slopes = [growth_rate([(H, t["rollouts"]) for H, t in pts]) for pts in per_seed.values()]
+            slopes = [x for x in slopes if x is not None]
+            if slopes:
+                censored = sum(any(t["censored"] for _, t in pts) for pts in per_seed.values())
+                fits.append(f"| {m} | {B} | {mean_std([math.exp(x) for x in slopes], 2)} (B = {B}) | "
+                            f"{mean_std(slopes, 2)} (ln B = {math.log(B):.2f}) | {censored}/{len(slopes)} |")
+    return lines + fits
+
+
+def plot_theorem(runs: dict) -> Path:
+    """Rollouts until solved against H on a log scale, one panel per B, with the bound B^H / 4."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    for ax, (B, heights) in zip(fig.subplots(1, len(THEOREM_HEIGHTS)), THEOREM_HEIGHTS.items()):
+        ax.plot(heights, [B ** H / 4 for H in heights], "k--", label="B^H / 4")
+        for i, m in enumerate(THEOREM_METHODS):
+            xs, mean, sd, open_ = [], [], [], []
+            for H in heights:
+                times = [solve_time(r) for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
+                if times:
+                    v = [max(1, t["rollouts"]) for t in times]
+                    xs.append(H)
+                    mean.append(statistics.mean(v))
+                    sd.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+                    open_.append(any(t["censored"] for t in times))
+            if not xs:
+                continue
+            line, = ax.plot(xs, mean, "o-", color=f"C{i}", label=m + (" (demonstrations)" if m == "sft" else ""))
+            ax.fill_between(xs, [max(1, a - b) for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.12)
+            cx = [x for x, c in zip(xs, open_) if c]
+            ax.plot(cx, [y for y, c in zip(mean, open_) if c], "^", mfc="white", color=line.get_color(),
+                    markersize=9)
+        ax.set(yscale="log", xlabel="H (levels)", ylabel="rollouts until greedy accuracy 0.5",
+               title=f"B = {B} (open triangles: a seed censored at the cap)", xticks=list(heights))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "theorem.png", dpi=90)
+    return RESULTS / "theorem.png"
+
+
 def load_grid(grid: str, seeds=SEEDS) -> dict:
     """{cell: [run or None per seed]}: the finished runs of a grid (see load_run)."""
     return {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in GRIDS[grid]["cells"]}
@@ -424,6 +568,11 @@ def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Pa
     lines += comparisons(grid, runs)
     lines += ["", f"![{grid}]({grid}.png)", ""]
     plot(grid, runs)
+    if grid == "sparse":
+        lines += solve_table(runs)
+    if grid == "theorem":
+        lines += theorem_tables(runs, seeds) + ["", "![rollouts until solved against H](theorem.png)", ""]
+        plot_theorem(runs)
     if grid == "horizon":
         plot_horizon(runs)
         lines += ["![accuracy and groups with a correct rollout against the number of arithmetic steps]"
