@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+import guards
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -557,7 +559,8 @@ def save_atomically(save, folder: Path) -> None:
     with finishing_writes():
         if tmp.exists():
             shutil.rmtree(tmp)
-        save(tmp)
+        with guards.removed_if_it_fails(tmp, folder):     # a full disk: OSError(ENOSPC), the old copy whole
+            save(tmp)
         fault_point("checkpoint-written")
         if folder.exists():
             folder.rename(old)
@@ -658,29 +661,38 @@ def holds_run(out: Path) -> bool:
     return any((out / name).exists() for name in RUN_FILES) or any(out.glob("checkpoint.*-*"))
 
 
-def claim_run_folder(out: Path, overwrite: bool = False) -> str:
+def claim_run_folder(out: Path, overwrite: bool = False, reads: list = (), resumable: bool = True) -> str:
     """The folder of a new run, checked before any model loads: it must be (or become) a writable folder,
-    and one that holds another run is refused unless `overwrite` (which clears that run's files). Returns
-    the new run's id (written in config.json and each checkpoint, so --resume can check it)."""
+    owned by this process alone (`guards.own_folder`: refused while another process runs in it), and one
+    that holds another run is refused unless `overwrite` (which clears that run's files, unless the run
+    reads from them: `reads` are (flag, path) pairs). `resumable`: the script has --resume (the refusal
+    says so). Returns the new run's id (written in config.json and each checkpoint, so --resume can check
+    it)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out}: is a file, not a folder")
-    if holds_run(out):
-        if not overwrite:
-            raise UserError(f"--output_dir {out}: already holds a run; resume it with --resume {out}, "
-                            "or pass --overwrite to replace it")
-        for name in RUN_FILES:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        for stale in out.glob("checkpoint.*-*"):
-            shutil.rmtree(stale, ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        guards.own_folder(out)                  # one owner: refused while another process runs in it
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
+    except UserError:
+        raise
     except OSError as err:
         raise UserError(f"--output_dir {out}: cannot write there ({err.strerror})") from None
+    if holds_run(out):
+        if not overwrite:
+            how = f"resume it with --resume {out}, or " if resumable else ""
+            raise UserError(f"--output_dir {out}: already holds a run; {how}pass --overwrite to replace it"
+                            f"{'' if resumable else ', or choose another --output_dir'}")
+        stale = list(out.glob("checkpoint.*-*"))
+        guards.check_overwrite([out / name for name in RUN_FILES if (out / name).exists()] + stale, reads)
+        for name in RUN_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
     return uuid.uuid4().hex[:12]
 
 

@@ -36,15 +36,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
+import guards
 
-import common
-import tasks
-import uft
-import common
+if __name__ == "__main__":       # Ctrl-C while torch and transformers load: exit 130, one line, no traceback
+    guards.exit_quietly_on_ctrl_c()
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import tasks  # noqa: E402
+import uft  # noqa: E402
 from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,
                     make_optimizer, micro_batches, optimizer_step, plot_panels, read_jsonl, rows_for_step,
-                    save_atomically, widen)
+                    save_atomically, widen)  # noqa: E402
 from tasks import answer_pieces, as_sft_row, countdown_split, load_sft_rows
 from uft import DEFAULT_CACHE, Batch, load_model, make_batch, score, sft_update
 
@@ -366,11 +370,15 @@ def lambda_at(step: int, T: int, lam0: float, schedule: str = "constant") -> flo
 
 # --- The reference model of the excess-loss grouping (and Rho-1) ----------------------------------
 
-def reference_folder(args, model_path: str) -> Path:
-    """Cache folder of the default reference: named after everything that determines its weights."""
-    names = ("data", "num_train", "min_nums", "max_nums", "ref_steps", "batch_size", "learning_rate", "seed",
-             "dtype", "max_response_length")
-    key = {**{k: getattr(args, k) for k in names}, "model": model_path}
+REFERENCE_SETTINGS = ("ref_steps", "batch_size", "micro_batch_size", "learning_rate", "weight_decay",
+                      "lr_scheduler", "max_grad_norm", "seed", "dtype")   # what shapes its training
+
+
+def reference_folder(args, model_path: str, enc: Encoded) -> Path:
+    """Cache folder of the default reference: named after everything that determines its weights, the
+    training tokens themselves included (any change of data file, split, task size or length cap shows)."""
+    tokens = hashlib.sha256(json.dumps([enc.prompts, enc.responses]).encode()).hexdigest()
+    key = {**{k: getattr(args, k) for k in REFERENCE_SETTINGS}, "model": model_path, "train_tokens": tokens}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(args.cache_dir) / f"sft_go-ref-{digest}"
 
@@ -389,7 +397,7 @@ def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
     Each step is uft's SFT step (`uft.sft_update`: token-mean NLL of the responses, micro-batched)."""
     from tqdm.auto import tqdm
 
-    folder = reference_folder(args, model.name_or_path)
+    folder = reference_folder(args, model.name_or_path, enc)
     if (folder / "config.json").exists():
         return folder
     ref = copy.deepcopy(model).train()
@@ -659,8 +667,9 @@ def setup(args, rows: dict) -> GoRun:
     out = Path(args.output_dir)              # claimed by run_all (or a fresh one for a direct call)
     if common.is_main():                     # torchrun: rank 0 alone writes the run folder
         if getattr(args, "run_id", None) is None:
-            args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False))
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+            args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False), guards.inputs(args),
+                                                  resumable=False)
+        guards.write_config(out, vars(args))
     optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
                                           args.T, args.lr_scheduler)
     return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)
@@ -759,7 +768,7 @@ FLAGS = {
         ("max_response_length", 512, "response tokens kept (the first ones)", {"range": "[1, inf)"}),
     ],
     "run": [
-        ("output_dir", None, "run folder (default runs/sft_go-<time>)", {"type": str}),
+        ("output_dir", None, "run folder (default runs/sft_go-<date>-<time>-<pid>)", {"type": str}),
         ("overwrite", False, "replace the run(s) that --output_dir holds (otherwise refused)",
          {"action": "store_true"}),
         ("eval_steps", 100, "held-out evaluation every this many steps", {"range": "[1, inf)"}),
@@ -805,12 +814,13 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             where = " (and not 'countdown' or 'kk')" if name == "data" else ""
             p.error(f"--{name} {value!r}: no such file{where}")
     if args.output_dir is None:
-        args.output_dir = str(Path("runs") / f"sft_go-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.output_dir = guards.default_output_dir("sft_go")
 
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    guards.refuse_empty_values(p, args)           # --output_dir '' or UFT_CACHE='' would mean "here"
     check_args(p, args)
     return args
 
@@ -835,11 +845,11 @@ def run_folders(args) -> dict[str, str]:
 
 
 def where_to_restart(args) -> str:
-    """What a run that stops early prints last (sft_go.py has no --resume: a run starts again)."""
+    """What a run that stops early prints last (sft_go.py does not resume: a run starts again)."""
     saved = [str(Path(f) / "checkpoint") for f in run_folders(args).values()
              if (Path(f) / "checkpoint").exists()]
     kept = f"the last saved model is in {saved[-1]}; " if saved else ""
-    return f"{kept}sft_go.py has no --resume: run the same command with --overwrite to start again"
+    return f"{kept}sft_go.py does not resume a run: run the same command with --overwrite to start again"
 
 
 def check_world(args) -> None:
@@ -854,8 +864,9 @@ def check_world(args) -> None:
 
 def main(argv=None) -> int:
     """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
-    args = parse_args(argv)
-    return common.run_cli(lambda: run_all(args), lambda: where_to_restart(args))
+    with guards.owned_folders():             # the run folders' locks are given up however the runs end
+        args = parse_args(argv)
+        return common.run_cli(lambda: run_all(args), lambda: where_to_restart(args))
 
 
 def run_all(args) -> int:
@@ -865,9 +876,11 @@ def run_all(args) -> int:
     folders = run_folders(args)
     ids = dict.fromkeys(folders)
     if common.is_main():                                          # torchrun: rank 0 alone owns the folders
+        reads = guards.inputs(args)                               # --overwrite never deletes these
         if len(folders) > 1:                                      # the parent holds summary.txt
-            common.claim_run_folder(args.output_dir, args.overwrite)
-        ids = {name: common.claim_run_folder(folder, args.overwrite) for name, folder in folders.items()}
+            common.claim_run_folder(args.output_dir, args.overwrite, reads, resumable=False)
+        ids = {name: common.claim_run_folder(folder, args.overwrite, reads, resumable=False)
+               for name, folder in folders.items()}
     results = {}
     for loss, (name, folder) in zip(args.losses, folders.items()):
         run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": folder,

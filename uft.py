@@ -32,15 +32,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import guards
 
-import common
-import tasks
-from common import (DTYPES, UserError, add_flags, append_jsonl, backward,  # noqa: F401
+if __name__ == "__main__":       # Ctrl-C while torch and transformers load: exit 130, one line, no traceback
+    guards.exit_quietly_on_ctrl_c()
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import tasks  # noqa: E402
+from common import (DTYPES, UserError, add_flags, append_jsonl, backward,  # noqa: F401, E402
                     build_tokenizer, find_gguf_package_dir, frozen_copy, make_optimizer, mask_padded_vocab,
                     micro_batches, optimizer_step, plot_panels, quiet_libraries, read_jsonl, rows_for_step,
                     save_atomically, stop_token_ids, tiny_llama_config, widen)
-from tasks import (REWARD_CORRECT, answer_token_ids, countdown_question, countdown_reward,  # noqa: F401
+from tasks import (REWARD_CORRECT, answer_token_ids, countdown_question, countdown_reward,  # noqa: F401, E402
                    countdown_split, countdown_validation, generate_countdown, load_task_rows, solve_countdown)
 
 
@@ -983,7 +988,7 @@ def setup_run(args) -> Run:
     out = Path(args.output_dir)
     resuming = bool(args.resume) and (out / "checkpoint" / "trainer_state.pt").exists()
     if not resuming and common.is_main():    # torchrun: rank 0 alone owns the run folder
-        args.run_id = common.claim_run_folder(out, args.overwrite)
+        args.run_id = common.claim_run_folder(out, args.overwrite, guards.inputs(args))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_rows, val_rows, test_rows = load_rows(args)
@@ -998,7 +1003,7 @@ def setup_run(args) -> Run:
         if args.algo == "sft-rft" and (out / "checkpoint" / "ref").exists():
             ref = load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
     if common.is_main():                     # torchrun: rank 0 alone writes the run folder
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+        guards.write_config(out, vars(args))
         print(memory_report(args, model, tok, train_rows))
     common.broadcast_parameters(model)       # torchrun: every rank starts from rank 0's weights
     if args.gradient_checkpointing:          # recompute each layer in the backward: activations / layers
@@ -1098,6 +1103,7 @@ def save_checkpoint(run: Run) -> None:
         run.tokenizer.save_pretrained(tmp)
         if run.ref is not None and run.args.algo == "sft-rft":
             run.ref.save_pretrained(tmp / "ref")
+        guards.write_record(tmp, vars(run.args))      # the config it was trained with (checked on resume)
         torch.save({"step": run.step, "run_id": getattr(run.args, "run_id", None), "budget": run.budget,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                     "rng": run.rng.getstate(), "generator": run.generator.get_state(),
@@ -1306,7 +1312,7 @@ FLAGS = {
     ],
     "model": MODEL_FLAGS,
     "run": [
-        ("output_dir", None, "run folder (default runs/<algo>-<time>)", {"type": str}),
+        ("output_dir", None, "run folder (default runs/<algo>-<date>-<time>-<pid>)", {"type": str}),
         ("overwrite", False, "replace the run that --output_dir holds (otherwise refused)",
          {"action": "store_true"}),
         ("resume", None, "a run folder to continue from its last checkpoint, with its saved flags (no "
@@ -1397,25 +1403,31 @@ def parse_args(argv=None):
 
     p = build_parser()
     args = p.parse_args(argv)
+    guards.refuse_empty_values(p, args)           # --output_dir '' or UFT_CACHE='' would mean "here"
     if args.resume:
         extra = [f"--{name}" for name in common.given_flags(build_parser, argv) if name != "resume"]
         if extra:          # one behaviour: a resumed run is the run that was started, never a mix
             p.error(f"--resume takes no other flag (got {' '.join(extra)}): a resumed run keeps its saved "
                     "flags; start a new run (--output_dir) to change them")
         folder = Path(args.resume)
-        common.recover_run_folder(folder)          # a kill during a checkpoint swap or a log rewrite
-        if not (folder / "checkpoint" / "trainer_state.pt").exists():
-            p.error(f"--resume {args.resume!r}: no checkpoint there (expected checkpoint/trainer_state.pt)")
         try:
+            if folder.is_dir() and guards.is_first_rank():
+                guards.own_folder(folder, "--resume")    # refused while the run still trains
+            common.recover_run_folder(folder)          # a kill during a checkpoint swap or a log rewrite
+            if not (folder / "checkpoint" / "trainer_state.pt").exists():
+                p.error(f"--resume {args.resume!r}: no checkpoint there (expected checkpoint/trainer_state.pt)")
             saved = common.read_config(folder)
+            guards.check_resume(folder, saved, p)      # as trained: types, values, data files unchanged
         except UserError as err:
             p.error(str(err))
         saved.update(resume=args.resume, output_dir=args.resume)
         args = argparse.Namespace(**{**vars(p.parse_args([])), **saved})   # newer flags: their defaults
     if args.output_dir is None:
-        args.output_dir = str(Path("runs") / f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.output_dir = guards.default_output_dir(args.algo)
     data_defaults(args)
     check_args(p, args)
+    if not args.resume:
+        guards.pin_data_files(args, tasks.GENERATED)   # absolute paths and sha256s, for a later --resume
     return args
 
 
@@ -1427,7 +1439,7 @@ def evaluate_only(args) -> dict:
 
     out = Path(args.output_dir)
     if common.is_main():                     # torchrun: rank 0 alone owns the run folder
-        args.run_id = common.claim_run_folder(out, args.overwrite)
+        args.run_id = common.claim_run_folder(out, args.overwrite, guards.inputs(args))
     if args.test_data or args.data not in tasks.GENERATED:
         test_rows = read_rows(args, args.test_data or args.data)[: args.num_test]
     else:                                  # the built-in split's held-out side (it ignores num_train)
@@ -1435,7 +1447,7 @@ def evaluate_only(args) -> dict:
     if not test_rows:
         raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
     if common.is_main():
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+        guards.write_config(out, vars(args))
     checkpoint = Path(args.model) / "checkpoint"
     name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
     with common.main_rank_first():
@@ -1522,9 +1534,10 @@ def memory_report(args, model, tokenizer, rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
-    args = parse_args(argv)
-    quiet_libraries()
-    return common.run_cli(lambda: run_and_report(args), lambda: where_to_resume(args))
+    with guards.owned_folders():             # the run folder's lock is given up however the run ends
+        args = parse_args(argv)
+        quiet_libraries()
+        return common.run_cli(lambda: run_and_report(args), lambda: where_to_resume(args))
 
 
 def run_and_report(args) -> int:
