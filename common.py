@@ -665,7 +665,7 @@ def claim_run_folder(out: Path, overwrite: bool = False, reads: list = (), resum
     """The folder of a new run, checked before any model loads: it must be (or become) a writable folder,
     owned by this process alone (`guards.own_folder`: refused while another process runs in it), and one
     that holds another run is refused unless `overwrite` (which clears that run's files, unless the run
-    reads from them: `reads` are (flag, path) pairs). `resumable`: the script has --resume (the refusal
+    reads from them: `reads` from `guards.inputs`). `resumable`: the script has --resume (the refusal
     says so). Returns the new run's id (written in config.json and each checkpoint, so --resume can check
     it)."""
     out = Path(out)

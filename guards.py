@@ -263,27 +263,27 @@ def check_data_files(pinned: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def inputs(args, flags=("model", "gguf_file", "data", "test_data", "ref_model", "classifier")) -> list:
-    """(flag, path) for everything a run may read from disk; a --model folder also means its checkpoint/
-    (--eval_only reads a run folder's checkpoint)."""
+    """(flag, value, path read) for everything a run may read from disk; a --model folder is also read as
+    its checkpoint/ (--eval_only of a run folder)."""
     found = []
     for flag in flags:
         value = getattr(args, flag, None)
         for path in (value.split(",") if flag in DATA_FLAGS else [value]) if value else []:
-            found.append((flag, path.strip()))
+            found.append((flag, path.strip(), path.strip()))
             if flag == "model":
-                found.append((flag, str(Path(path) / "checkpoint")))
+                found.append((flag, path, str(Path(path) / "checkpoint")))
     return found
 
 
 def check_overwrite(targets: list[Path], reads: list) -> None:
-    """--overwrite is about to delete `targets`: refused (a UserError) if a path the run reads is one of
-    them or lies inside one."""
-    for flag, path in reads:
+    """--overwrite is about to delete `targets`: refused (a UserError) if a path the run reads (`inputs`) is
+    one of them or lies inside one."""
+    for flag, given, path in reads:
         read = Path(path).expanduser().resolve()
         for target in targets:
             target = Path(target).resolve()
             if read == target or target in read.parents:
-                raise user_error(f"--overwrite would delete {target}, which --{flag} {path} reads; choose "
+                raise user_error(f"--overwrite would delete {target}, which --{flag} {given} reads; choose "
                                  "another --output_dir")
 
 
