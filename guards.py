@@ -131,7 +131,8 @@ def refuse_empty_values(parser, args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 RECORD = "run.json"                                    # in each checkpoint: the config it was trained with
-NOT_SETTINGS = ("resume", "output_dir", "overwrite")   # how a run was started or continued, not what it trains
+NOT_SETTINGS = ("resume", "output_dir", "overwrite",   # how a run was started or continued, not what it trains
+                "run_id")                              # (its identity: restore_checkpoint says whose it is)
 DATA_FLAGS = ("data", "test_data")                     # flags that may name data files
 EXTRA_KEYS = {"run_id": (str, type(None)), "data_files": (dict,)}   # keys of config.json that are not flags
 
