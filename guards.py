@@ -75,8 +75,9 @@ def own_folder(folder: Path, flag: str = "--output_dir") -> None:
     except BlockingIOError:
         owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
+        other = ", or choose another --output_dir" if flag == "--output_dir" else ""
         raise user_error(f"{flag} {folder}: in use by another process (pid {owner}) that trains, resumes or "
-                         f"evaluates into it; wait for it to end, or choose another {flag}") from None
+                         f"evaluates into it; wait for it to end{other}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = fd

@@ -329,8 +329,10 @@ def test_nums_must_be_a_list_of_integers(nums):
 # --- README "When something goes wrong": every row run as written -------------------------------------------
 
 def readme_cases() -> list[tuple[str, str, int]]:
+    """The rows of the README's failure table and of its continuation, docs/errors-v2.md."""
     import re
     section = (ROOT / "README.md").read_text().split("\n## When something goes wrong\n")[1].split("\n## ")[0]
+    section += (ROOT / "docs" / "errors-v2.md").read_text()
     return [(command, seen, int(status)) for command, seen, status in
             re.findall(r"^\| `([^`]+)`[^|]* \| `([^`]+)` \| (\d+) \|$", section, flags=re.M)]
 
@@ -378,7 +380,27 @@ DAMAGE = {   # RUN-<damage>: what is done to a copy of RUN
     "other-run": lambda run: (run / "config.json").write_text(
         json.dumps({**json.loads((run / "config.json").read_text()), "run_id": "0123456789ab"})),
     "torn-metrics": lambda run: open(run / "metrics.jsonl", "a").write('{"step": 3, "eval_acc'),
+    "locked": lambda run: HOLDERS.append(hold_lock(run)),
+    "edited-lr": lambda run: edit_config(run, learning_rate=0.5),
+    "edited-algo": lambda run: edit_config(run, algo="sft"),
+    "string-T": lambda run: edit_config(run, T="4"),
+    "null-T": lambda run: edit_config(run, T=None),
+    "unknown-algo": lambda run: edit_config(run, algo="ppo"),
+    "unknown-key": lambda run: edit_config(run, lerning_rate=0.1),
 }
+HOLDERS: list = []      # processes that hold a RUN-locked folder's lock, killed when the row is done
+
+
+def edit_config(run: Path, **changes) -> None:
+    (run / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), **changes}))
+
+
+def hold_lock(folder: Path):
+    """Another process that owns `folder` (as a training run does) until it is killed."""
+    code = f"import guards, time; guards.own_folder({str(folder)!r}); print('ready', flush=True); time.sleep(300)"
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
 
 
 def truncate(path: Path) -> None:
@@ -424,6 +446,9 @@ def test_each_row_of_the_readme_failure_table(command, seen, status, tiny_dir, r
         code = script.main(args)
     except SystemExit as stop:                              # argparse's usage errors
         code = stop.code
+    finally:
+        while HOLDERS:
+            HOLDERS.pop().kill()
     out, err = capsys.readouterr()
     assert code == status, err[-2000:]
     assert "Traceback" not in err
