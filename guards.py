@@ -84,7 +84,8 @@ def own_folder(folder: Path, flag: str = "--output_dir") -> None:
 
 
 def release_folders() -> None:
-    """Give up every folder this process locked (the kernel does the same when the process ends)."""
+    """Give up every folder this process locked (the kernel does the same when the process ends). The scripts'
+    `main` does it when the run ends; a direct call of `uft.train` keeps its folder until then."""
     while _HELD:
         os.close(_HELD.popitem()[1])
 
@@ -142,8 +143,11 @@ def write_config(folder: Path, config: dict) -> None:
     """config.json, replaced at once (a kill leaves the old file or the new one, never half of one)."""
     path = Path(folder) / "config.json"
     tmp = path.with_name(f"config.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_record(checkpoint: Path, config: dict) -> None:
