@@ -61,11 +61,12 @@ def copy_of(stopped: Path, dest: Path) -> Path:
     for flag in ("data", "test_data"):
         config[flag] = config[flag].replace(str(stopped), str(dest))
     config["data_files"] = {flag: {p.replace(str(stopped), str(dest)): h for p, h in files.items()}
-                            for flag, files in config["data_files"].items()}
+                            for flag, files in config.get("data_files", {}).items()}
     (run / "config.json").write_text(json.dumps(config, indent=2))
-    record = json.loads((run / "checkpoint" / guards.RECORD).read_text())
-    record["config"].update({k: config[k] for k in ("data", "test_data", "data_files")})
-    (run / "checkpoint" / guards.RECORD).write_text(json.dumps(record))
+    if (run / "checkpoint" / guards.RECORD).exists():
+        record = json.loads((run / "checkpoint" / guards.RECORD).read_text())
+        record["config"].update({k: config[k] for k in ("data", "test_data", "data_files")})
+        (run / "checkpoint" / guards.RECORD).write_text(json.dumps(record))
     return run
 
 
