@@ -39,9 +39,11 @@ HORIZON = (3, 4, 5)    # numbers per problem in the horizon grid: n - 1 arithmet
 # The theorem grid: a B-ary tree of height H with one rewarded leaf (`--data tree`), one tree per seed.
 THEOREM_HEIGHTS = {2: (1, 2, 4, 6, 8, 10), 3: (1, 2, 3, 4, 5, 6)}
 THEOREM_CAP = 600          # training steps of 8 rollouts before a run is censored (4,800 rollouts)
-THEOREM_METHODS = {        # the settings chosen on validation trees (docs/sparse-rewards.md)
-    "rft": ["--algo", "rft"], "r3": ["--algo", "r3"], "uft": ["--algo", "uft"],
-    "hints": ["--algo", "uft", "--sft_loss_coef", "0"], "sft": ["--algo", "sft"]}
+THEOREM_METHODS = {        # the settings chosen on validation trees (grid `sparse`, docs/sparse-rewards.md)
+    "sft": ["--algo", "sft"], "uft": ["--algo", "uft", "--skip_silent_updates"],
+    "uft-paper": ["--algo", "uft"],                       # without the remedy, as the paper's algorithm runs
+    "hints": ["--algo", "uft", "--sft_loss_coef", "0", "--skip_silent_updates"],
+    "r3": ["--algo", "r3", "--skip_silent_updates"], "rft": ["--algo", "rft", "--skip_silent_updates"]}
 KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
