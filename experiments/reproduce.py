@@ -327,7 +327,8 @@ def cell_table(grid: str, runs: dict) -> list[str]:
         if not done:
             continue
         last = [r["evals"][-1] for r in done]
-        budget = done[0]["metrics"][-1]
+        budget = {k: round(statistics.mean(r["metrics"][-1][k] for r in done))    # means over seeds
+                  for k in ("optimizer_steps", "problems_seen", "tokens_generated")}
         lines.append(
             f"| {cell} | {len(done)} | {mean_std([r['evals'][0]['eval_accuracy'] for r in done])} | "
             f"**{mean_std([e['eval_accuracy'] for e in last])}** | "
