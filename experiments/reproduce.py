@@ -121,7 +121,8 @@ GRIDS = {
                          "steps)",
                 "common": ["--eval_steps", "1", "--save_steps", "100"], "in_process": True,
                 "flags": ["--data", "tree", "--model", "builtin-tree", "--num_train", "1", "--batch_size", "1",
-                          "--mini_batch_size", "1", "--num_generations", "8", "--T", str(THEOREM_CAP), "--T_hint", "100",
+                          "--mini_batch_size", "1", "--num_generations", "8", "--T", str(THEOREM_CAP),
+                          "--T_hint", "100",
                           "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--sft_learning_rate",
                           "1e-3", "--sft_loss_coef", "1", "--stop_at", "0.5"],
                 "cells": {f"{m}-B{B}-H{H}": [*flags, "--tree_branching", str(B), "--tree_height", str(H)]
@@ -279,7 +280,11 @@ def sweep(grid: str, jobs: int, seeds, cells=None) -> None:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for message in pool.map(lambda job: run_one(*job), todo):
                 print(message, flush=True)
-    report(grid, seeds, elapsed=time.time() - start, jobs=jobs, argv=sys.argv[1:])
+    (RUNS / grid).mkdir(parents=True, exist_ok=True)
+    uft.append_jsonl(RUNS / grid / "sweeps.jsonl",       # what the report says made the runs
+                     {"argv": sys.argv[1:], "jobs": jobs, "minutes": (time.time() - start) / 60,
+                      "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start))})
+    report(grid, seeds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -579,23 +584,26 @@ def load_grid(grid: str, seeds=SEEDS) -> dict:
     return {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in GRIDS[grid]["cells"]}
 
 
-def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Path:
+def report(grid: str, seeds) -> Path:
     g = GRIDS[grid]
     runs = load_grid(grid, seeds)
     finished = [r for seeds_ in runs.values() for r in seeds_ if r]
     info = finished[0]["done"] if finished else machine()
     total = sum(r["done"]["seconds"] for r in finished)
     go = g.get("script") == "sft_go.py"
+    sweeps = uft.read_jsonl(RUNS / grid / "sweeps.jsonl") if (RUNS / grid / "sweeps.jsonl").exists() else []
+    commits = sorted({r["done"].get("commit", "unknown") for r in finished})
     lines = [f"# Grid `{grid}`: {g['about']}", "",
-             f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: "
-             f"`python {g.get('script', 'uft.py')} {' '.join(g.get('common', COMMON) + g['flags'])} "
-             f"<cell flags> --seed S`)", "",
-             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, "
-             f"{jobs} run(s) at a time; torch {info['torch']}, transformers {info['transformers']}; "
-             f"commit {info['commit']}.",
+             "Made by: " + ("; ".join(f"`python experiments/reproduce.py {' '.join(w['argv'])}` ({w['jobs']} "
+                                      f"run(s) at a time, {w['minutes']:.1f} min of wall time, started "
+                                      f"{w['started']})" for w in sweeps) or "(no sweep recorded)") +
+             f". Each run: `python {g.get('script', 'uft.py')} "
+             f"{' '.join(g.get('common', COMMON) + g['flags'])} <cell flags> --seed S`.", "",
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run; torch "
+             f"{info['torch']}, transformers {info['transformers']}; runs made at commit(s) "
+             f"{', '.join(commits)}.",
              f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} "
-             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs, "
-             f"{elapsed / 60:.1f} min of wall time in the last invocation.", "",
+             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs.", "",
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
     lines += ["", "## Final accuracy and budget (mean ± std over seeds)", ""]
@@ -652,7 +660,7 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.report:
-        print(report(args.grid, seeds, argv=sys.argv[1:] if argv is None else argv))
+        print(report(args.grid, seeds))
     else:
         cells = args.cells.split(",") if args.cells else None
         unknown = [c for c in cells or [] if c not in GRIDS[args.grid]["cells"]]
