@@ -616,8 +616,8 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
         mini = batch.rows(update)
         # --skip_silent_updates: an update whose groups all have A = 0 (and no hint NLL) carries no signal;
         # Adam would still step, replaying its momentum from the last rare success (docs/sparse-rewards.md)
-        silent = a.skip_silent_updates and not common.all_reduce_sum(
-            int(mini.advantages.any()) + int(use_hint_nll and a.sft_loss_coef > 0 and bool(mini.hint_mask.any())))
+        hint_nll = use_hint_nll and a.sft_loss_coef > 0 and bool(mini.hint_mask.any())
+        silent = a.skip_silent_updates and not common.all_reduce_sum(int(mini.advantages.any()) + int(hint_nll))
         # token means over the whole update: under torchrun its tokens are on every rank, so count them all
         n_response = common.all_reduce_sum(int(mini.target_mask.sum()))
         n_hint = common.all_reduce_sum(int(mini.hint_mask.sum()))
@@ -1165,7 +1165,8 @@ def run_summary(out: Path) -> dict:
     evals = [m for m in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in m]
     rewards = [r["rewards"] for r in read_jsonl(out / "eval_rewards.jsonl") if r["split"] == "eval"]
     return {"base_accuracy": evals[0]["eval_accuracy"], "final_accuracy": evals[-1]["eval_accuracy"],
-            "comparison": paired_comparison(rewards[0], rewards[-1]), "output_dir": str(out)}
+            "comparison": paired_comparison(rewards[0], rewards[-1]), "output_dir": str(out),
+            "steps": evals[-1]["step"]}
 
 
 def plot_run(out: Path) -> Path:
@@ -1558,7 +1559,7 @@ def run_and_report(args) -> int:
     verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
                "not distinguishable from no change on this many problems")
     print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> "
-          f"{result['final_accuracy']:.3f} after {total_steps(args)} steps, {minutes:.1f} min. "
+          f"{result['final_accuracy']:.3f} after {result['steps']} steps, {minutes:.1f} min. "
           f"Run folder: {result['output_dir']}\nchange {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to "
           f"{c['high']:+.3f} over {c['n']} held-out problems ({c['wins']} gained, {c['losses']} lost): "
           f"{verdict}")

@@ -38,10 +38,12 @@ ALGOS = ("sft", "rft", "sft-rft", "r3", "uft")
 HORIZON = (3, 4, 5)    # numbers per problem in the horizon grid: n - 1 arithmetic steps
 # The theorem grid: a B-ary tree of height H with one rewarded leaf (`--data tree`), one tree per seed.
 THEOREM_HEIGHTS = {2: (1, 2, 4, 6, 8, 10), 3: (1, 2, 3, 4, 5, 6)}
-THEOREM_CAP = 600          # training steps of 8 rollouts before a run is censored (4,800 rollouts)
-THEOREM_METHODS = {        # the settings chosen on validation trees (docs/sparse-rewards.md)
-    "rft": ["--algo", "rft"], "r3": ["--algo", "r3"], "uft": ["--algo", "uft"],
-    "hints": ["--algo", "uft", "--sft_loss_coef", "0"], "sft": ["--algo", "sft"]}
+THEOREM_CAP = 400          # training steps of 8 rollouts before a run is censored (3,200 rollouts)
+THEOREM_METHODS = {        # the settings chosen on validation trees (grid `sparse`, docs/sparse-rewards.md)
+    "sft": ["--algo", "sft"], "uft": ["--algo", "uft", "--skip_silent_updates"],
+    "uft-paper": ["--algo", "uft"],                       # without the remedy, as the paper's algorithm runs
+    "hints": ["--algo", "uft", "--sft_loss_coef", "0", "--skip_silent_updates"],
+    "r3": ["--algo", "r3", "--skip_silent_updates"], "rft": ["--algo", "rft", "--skip_silent_updates"]}
 KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
@@ -117,14 +119,15 @@ GRIDS = {
     "theorem": {"about": "the search tree of the paper's theorem: one secret path among B^H, one tree per "
                          f"seed, 8 rollouts per step, until greedy accuracy reaches 0.5 (cap {THEOREM_CAP} "
                          "steps)",
-                "common": ["--eval_steps", "1", "--save_steps", "100"],
-                "flags": ["--data", "tree", "--model", "builtin-tree", "--num_train", "1", "--batch_size", "1", "--mini_batch_size", "1",
-                          "--num_generations", "8", "--T", str(THEOREM_CAP), "--T_hint", "100",
+                "common": ["--eval_steps", "1", "--save_steps", "100"], "in_process": True,
+                "flags": ["--data", "tree", "--model", "builtin-tree", "--num_train", "1", "--batch_size", "1",
+                          "--mini_batch_size", "1", "--num_generations", "8", "--T", str(THEOREM_CAP),
+                          "--T_hint", "100",
                           "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--sft_learning_rate",
                           "1e-3", "--sft_loss_coef", "1", "--stop_at", "0.5"],
                 "cells": {f"{m}-B{B}-H{H}": [*flags, "--tree_branching", str(B), "--tree_height", str(H)]
-                          for B, heights in THEOREM_HEIGHTS.items() for H in heights
-                          for m, flags in THEOREM_METHODS.items()}},
+                          for level in range(6) for B, heights in THEOREM_HEIGHTS.items()
+                          for H in heights[level:level + 1] for m, flags in THEOREM_METHODS.items()}},
     # What lets RL learn from rare successes (docs/sparse-rewards.md): validation trees only, 4 per run
     "sparse": {"about": "4 validation trees of B = 3, H = 4 (81 leaves) per run, 8 rollouts per tree per step, "
                         "until greedy accuracy reaches 0.5 (cap 200 steps): learning rate, skipping silent "
@@ -173,6 +176,34 @@ def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tupl
     return [sys.executable, g.get("script", "uft.py"), *flags], out
 
 
+def in_process(cmd: list[str], env: dict, log) -> int:
+    """`python uft.py <flags>` as uft.main(<flags>) in this worker process: a grid of runs of seconds pays
+    the imports once per worker, not once per run."""
+    import contextlib
+
+    import torch
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    os.chdir(ROOT)
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            return uft.main(cmd[2:])
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 1
+
+
+in_worker = False  # set in the worker processes of an in-process sweep (grids with "in_process": True)
+
+
+def start_worker() -> None:
+    global in_worker
+    in_worker = True
+
+
+def run_job(job: tuple) -> str:
+    return run_one(*job)
+
+
 def run_one(cmd: list[str], out: Path) -> str:
     """Run (or resume) one training run in its own single-thread process; done.json marks it finished."""
     if (out / "done.json").exists():
@@ -187,7 +218,8 @@ def run_one(cmd: list[str], out: Path) -> str:
            "TOKENIZERS_PARALLELISM": "false"}
     start = time.time()
     with open(out / "log.txt", "a") as log:
-        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        code = (in_process(cmd, env, log) if in_worker else
+                subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     if code != 0:
         return f"FAILED ({code}) {out}: see {out / 'log.txt'}"
     done = {"command": " ".join(Path(c).name if c == sys.executable else c for c in cmd),
@@ -239,10 +271,20 @@ def sweep(grid: str, jobs: int, seeds, cells=None) -> None:
         uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
     todo = [run_command(grid, cell, seed, model_flags) for cell in cells or g["cells"] for seed in seeds]
     start = time.time()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message in pool.map(lambda job: run_one(*job), todo):
-            print(message, flush=True)
-    report(grid, seeds, elapsed=time.time() - start, jobs=jobs, argv=sys.argv[1:])
+    if g.get("in_process"):          # runs of seconds: worker processes that import uft once
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs, start_worker, maxtasksperchild=20) as pool:
+            for message in pool.imap(run_job, todo):
+                print(message, flush=True)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for message in pool.map(lambda job: run_one(*job), todo):
+                print(message, flush=True)
+    (RUNS / grid).mkdir(parents=True, exist_ok=True)
+    uft.append_jsonl(RUNS / grid / "sweeps.jsonl",       # what the report says made the runs
+                     {"argv": sys.argv[1:], "jobs": jobs, "minutes": (time.time() - start) / 60,
+                      "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start))})
+    report(grid, seeds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +332,8 @@ def cell_table(grid: str, runs: dict) -> list[str]:
         if not done:
             continue
         last = [r["evals"][-1] for r in done]
-        budget = done[0]["metrics"][-1]
+        budget = {k: round(statistics.mean(r["metrics"][-1][k] for r in done))    # means over seeds
+                  for k in ("optimizer_steps", "problems_seen", "tokens_generated")}
         lines.append(
             f"| {cell} | {len(done)} | {mean_std([r['evals'][0]['eval_accuracy'] for r in done])} | "
             f"**{mean_std([e['eval_accuracy'] for e in last])}** | "
@@ -427,11 +470,13 @@ def plot_horizon(runs: dict) -> Path:
     return RESULTS / "horizon-steps.png"
 
 
-def solve_time(run: dict, target: float = 0.5) -> dict:
+def solve_time(run: dict, target: float = 0.5, cap: int | None = None) -> dict:
     """Rollouts (RL samples; SFT: demonstrations), optimizer steps and seconds until greedy accuracy first
-    reaches `target`; censored at the run's last step when it never does."""
+    reaches `target`; censored at the run's last step (or at step `cap`) when it never does (or later)."""
     G = 1 if run["config"]["algo"] == "sft" else run["config"]["num_generations"]
-    at = next((m for m in run["evals"] if m["eval_accuracy"] >= target), None)
+    evals = [m for m in run["evals"] if cap is None or m["step"] <= cap]
+    run = {**run, "metrics": [m for m in run["metrics"] if cap is None or m["step"] <= cap]}
+    at = next((m for m in evals if m["eval_accuracy"] >= target), None)
     last = at or run["metrics"][-1]
     return {"rollouts": last.get("problems_seen", 0) * G, "steps": last.get("optimizer_steps", 0),
             "seconds": last.get("train_seconds", 0.0), "censored": at is None}
@@ -449,7 +494,8 @@ def solve_table(runs: dict) -> list[str]:
         times = [solve_time(r) for r in done]
         rl = [[m for m in r["metrics"] if m.get("phase") == "rl"] for r in done]
         lines.append(f"| {cell} | {sum(not t['censored'] for t in times)}/{len(times)} | "
-                     f"{mean_std([t['rollouts'] for t in times], 0)} | {mean_std([t['steps'] for t in times], 0)} | "
+                     f"{mean_std([t['rollouts'] for t in times], 0)} | "
+                     f"{mean_std([t['steps'] for t in times], 0)} | "
                      f"{mean_std([r['evals'][-1]['eval_format_rate'] for r in done], 2)} | "
                      f"{mean_std([x[-1]['entropy'] if x else None for x in rl], 3)} | "
                      f"{mean_std([x[-1]['kl'] if x else None for x in rl], 3)} |")
@@ -482,7 +528,7 @@ def theorem_tables(runs: dict, seeds) -> list[str]:
                 done = [r for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
                 if not done:
                     continue
-                times = [solve_time(r) for r in done]
+                times = [solve_time(r, cap=THEOREM_CAP) for r in done]
                 for r, t in zip(done, times):
                     per_seed.setdefault(r["config"]["seed"], []).append((H, t))
                 lines.append(f"| {m} | {B} | {H} | {sum(not t['censored'] for t in times)}/{len(times)} | "
@@ -508,7 +554,7 @@ def plot_theorem(runs: dict) -> Path:
         for i, m in enumerate(THEOREM_METHODS):
             xs, mean, sd, open_ = [], [], [], []
             for H in heights:
-                times = [solve_time(r) for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
+                times = [solve_time(r, cap=THEOREM_CAP) for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
                 if times:
                     v = [max(1, t["rollouts"]) for t in times]
                     xs.append(H)
@@ -538,23 +584,26 @@ def load_grid(grid: str, seeds=SEEDS) -> dict:
     return {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in GRIDS[grid]["cells"]}
 
 
-def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Path:
+def report(grid: str, seeds) -> Path:
     g = GRIDS[grid]
     runs = load_grid(grid, seeds)
     finished = [r for seeds_ in runs.values() for r in seeds_ if r]
     info = finished[0]["done"] if finished else machine()
     total = sum(r["done"]["seconds"] for r in finished)
     go = g.get("script") == "sft_go.py"
+    sweeps = uft.read_jsonl(RUNS / grid / "sweeps.jsonl") if (RUNS / grid / "sweeps.jsonl").exists() else []
+    commits = sorted({r["done"].get("commit", "unknown") for r in finished})
     lines = [f"# Grid `{grid}`: {g['about']}", "",
-             f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: "
-             f"`python {g.get('script', 'uft.py')} {' '.join(g.get('common', COMMON) + g['flags'])} "
-             f"<cell flags> --seed S`)", "",
-             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, "
-             f"{jobs} run(s) at a time; torch {info['torch']}, transformers {info['transformers']}; "
-             f"commit {info['commit']}.",
+             "Made by: " + ("; ".join(f"`python experiments/reproduce.py {' '.join(w['argv'])}` ({w['jobs']} "
+                                      f"run(s) at a time, {w['minutes']:.1f} min of wall time, started "
+                                      f"{w['started']})" for w in sweeps) or "(no sweep recorded)") +
+             f". Each run: `python {g.get('script', 'uft.py')} "
+             f"{' '.join(g.get('common', COMMON) + g['flags'])} <cell flags> --seed S`.", "",
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run; torch "
+             f"{info['torch']}, transformers {info['transformers']}; runs made at commit(s) "
+             f"{', '.join(commits)}.",
              f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} "
-             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs, "
-             f"{elapsed / 60:.1f} min of wall time in the last invocation.", "",
+             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs.", "",
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
     lines += ["", "## Final accuracy and budget (mean ± std over seeds)", ""]
@@ -611,7 +660,7 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.report:
-        print(report(args.grid, seeds, argv=sys.argv[1:] if argv is None else argv))
+        print(report(args.grid, seeds))
     else:
         cells = args.cells.split(",") if args.cells else None
         unknown = [c for c in cells or [] if c not in GRIDS[args.grid]["cells"]]
