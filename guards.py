@@ -195,8 +195,8 @@ def check_config(config: dict, parser, path: Path) -> None:
         else:
             problem = f"is not a flag of {parser.prog}"
         if problem:
-            raise user_error(f"{path}: '{key}' {problem}; the file was edited: put back the value the run "
-                             "was started with")
+            raise user_error(f"{path}: '{key}' {problem}; config.json must hold the values the run started "
+                             "with (was it edited, or written by another version?)")
 
 
 def edited_keys(config: dict, trained: dict, defaults: dict) -> list[str]:
