@@ -127,3 +127,19 @@ def load_seeded(args):
     with common.main_rank_first():
         return load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
                           trust_remote_code=args.trust_remote_code)
+
+
+def load_token_classifier(name: str, label: int, trust_remote_code: bool = False):
+    """(classifier, its tokenizer) of sft_go's --grouping classifier; `label` must be one of its labels."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        classifier = AutoModelForTokenClassification.from_pretrained(name)
+    except OSError as err:
+        raise common.UserError(f"--classifier {name!r}: could not load a token-classification model "
+                               f"[{str(err).splitlines()[0][:160]}]") from None
+    common.check_offsets(tokenizer, f"--classifier {name}")
+    if not 0 <= label < classifier.config.num_labels:
+        raise common.UserError(f"--classifier_label {label}: the classifier has "
+                               f"{classifier.config.num_labels} labels ({classifier.config.id2label})")
+    return classifier, tokenizer

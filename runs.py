@@ -1,4 +1,4 @@
-"""The run folder of `uft.py`: what `uft.train`'s loop reaches through four calls — `start`, `steps`, `end_step`
+"""Run folders. For `uft.py`: what `uft.train`'s loop reaches through four calls — `start`, `steps`, `end_step`
 and `finish` — and nothing of the method.
 
     run = runs.start(args)                  # rows, model, state; a fresh folder (base model evaluated) or a resume
@@ -9,7 +9,7 @@ and `finish` — and nothing of the method.
 
 A run folder holds config.json, metrics.jsonl (a line a step), eval_rewards.jsonl (per-problem rewards of every
 evaluation), samples.jsonl, plot.png and checkpoint/ (docs/run-folder.md). Under torchrun every process calls
-these; process 0 alone writes.
+these; process 0 alone writes. At the end, the run folders of `sft_go.py` (losses.png, summary.txt).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import torch
 import common
 import models
 import tasks
-import uft
 from common import DTYPES, UserError, append_jsonl, read_jsonl
 
 BUDGET = ("optimizer_steps", "problems_seen", "tokens_generated", "train_seconds")  # one unit for every algo
@@ -68,7 +67,7 @@ def start(args) -> Run:
     if resuming:
         model = uft.load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
     if common.is_main():
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+        write_config(out, args)
         print(memory_report(args, model, tok, train_rows))
     common.broadcast_parameters(model)       # every process starts from process 0's weights
     run = Run(args=args, tokenizer=tok, state=new_state(args, model, ref), train_rows=train_rows,
@@ -86,6 +85,11 @@ def start(args) -> Run:
                   f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
                   f"({len(run.test_rows)} held-out problems)")
     return run
+
+
+def write_config(out: Path, args) -> None:
+    """config.json: every flag of the run (what --resume reads back)."""
+    (Path(out) / "config.json").write_text(json.dumps(vars(args), indent=2))
 
 
 def reference(args, base, checkpoint: Path | None):
@@ -360,7 +364,7 @@ def evaluate_only(args) -> dict:
     if not test_rows:
         raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
     if common.is_main():
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+        write_config(out, args)
     checkpoint = Path(args.model) / "checkpoint"
     name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
     with common.main_rank_first():
@@ -375,3 +379,81 @@ def evaluate_only(args) -> dict:
     if common.is_main():
         append_jsonl(out / "metrics.jsonl", metrics)
     return {**metrics, "model": name, "n": len(test_rows)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sft_go.py's run folders: one per loss (a parent holds summary.txt), no resume
+# ----------------------------------------------------------------------------------------------------------
+
+def go_end_step(run, metrics: dict, bar, held_out) -> None:
+    """After an sft_go step: held-out metrics every eval_steps (and at the end), the metrics line, progress,
+    the model every save_steps."""
+    from tqdm.auto import tqdm
+
+    a, step = run.args, run.step
+    if step % a.eval_steps == 0 or step == a.T:
+        metrics.update(held_out(run))
+        if common.is_main():
+            tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
+                                                      if k.startswith("eval_") and k != "eval_length"))
+    common.fault_point("step")
+    if common.is_main():
+        append_jsonl(run.out / "metrics.jsonl", metrics)
+    bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"], lam=f"{metrics['lam']:.2f}")
+    if (step % a.save_steps == 0 or step == a.T) and common.is_main():
+        common.save_model(run.model, run.tokenizer, run.out / "checkpoint")
+
+
+def plot_losses(out: Path) -> Path:
+    """losses.png: training and held-out loss of each group over steps, and held-out accuracy if measured."""
+    metrics = read_jsonl(out / "metrics.jsonl")
+
+    def per_group(prefix: str) -> list:
+        return [(key, [(m["step"], m[prefix + key]) for m in metrics if m.get(prefix + key) is not None],
+                 {"color": color, "lw": 1}) for key, color in
+                [("ce", "k"), ("loss_important", "tab:orange"), ("loss_unimportant", "tab:blue")]]
+    panels = [("training loss per group", per_group("")), ("held-out loss per group", per_group("eval_"))]
+    accuracy = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
+    if accuracy:
+        panels.append(("held-out accuracy", [("accuracy", accuracy, {"marker": "s", "color": "tab:green"})]))
+    return common.plot_panels(out / "losses.png", panels)
+
+
+def summary_table(results: dict) -> str:
+    """One line per run: held-out accuracy (countdown), token-mean loss overall and per group, how often
+    the worst training group flipped, minutes."""
+    lines = [f"{'run':<12}{'accuracy':>10}{'CE':>8}{'L_important':>13}{'L_unimportant':>15}{'flips':>7}"
+             f"{'minutes':>9}"]
+    for name, r in results.items():
+        acc = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "-"
+        lines.append(f"{name:<12}{acc:>10}{r['eval_ce']:>8.3f}{r['eval_loss_important']:>13.3f}"
+                     f"{r['eval_loss_unimportant']:>15.3f}{r.get('worst_switches', '-'):>7}"
+                     f"{r['minutes']:>9.1f}")
+    return "\n".join(lines)
+
+
+def run_folders(args) -> dict[str, str]:
+    """Run name -> its folder: --output_dir itself for one loss, a sub-folder per loss for several."""
+    names = [loss if loss in ("ce", "rho1") else f"go-{args.grouping}" for loss in args.losses]
+    return {name: args.output_dir if len(names) == 1 else str(Path(args.output_dir) / name) for name in names}
+
+
+def claim_go_folders(args, folders: dict[str, str]) -> dict:
+    """Run name -> the run id of its claimed folder (`common.claim_run_folder`); with several runs the parent
+    is claimed too (it holds summary.txt). Process 0 claims; the others get None."""
+    if not common.is_main():
+        return dict.fromkeys(folders)
+    if len(folders) > 1:
+        common.claim_run_folder(args.output_dir, args.overwrite)
+    return {name: common.claim_run_folder(folder, args.overwrite) for name, folder in folders.items()}
+
+
+def where_to_restart(args) -> str:
+    """What a run that stops early prints last (sft_go.py has no --resume: a run starts again)."""
+    saved = [str(Path(f) / "checkpoint") for f in run_folders(args).values()
+             if (Path(f) / "checkpoint").exists()]
+    kept = f"the last saved model is in {saved[-1]}; " if saved else ""
+    return f"{kept}sft_go.py has no --resume: run the same command with --overwrite to start again"
+
+
+import uft  # noqa: E402  (last: uft imports this module, and finds every name above already defined)

@@ -950,19 +950,31 @@ def check_args(p, args) -> None:
     if args.batch_size % args.mini_batch_size:
         p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size "
                 f"{args.mini_batch_size}")
-    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
-        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
-                f"{args.max_nums}, {args.min_people}, {args.max_people})")
     if args.num_val and args.data != "countdown":
         p.error("--num_val is for the built-in countdown only")
-    for name in ("data", "test_data"):
-        for path in (getattr(args, name) or "").split(","):
-            if path and path not in tasks.GENERATED and not Path(path.strip()).is_file():
-                where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
-                p.error(f"--{name} {path!r}: no such file{where}")
+    check_data_flags(p, args, separator=",")
     if args.math_levels and not all(x.strip().isdigit() for x in args.math_levels.split(",")):
         p.error(f"--math_levels {args.math_levels!r}: give comma-separated level numbers, e.g. 3,4,5")
     resolve_sft_length(p, args)
+
+
+def check_data_flags(p, args, separator: str | None = None) -> None:
+    """The data flags uft.py and sft_go.py share: each --data / --test_data file exists (several, split at
+    `separator`), and the built-in tasks' size ranges are in order."""
+    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
+        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
+                f"{args.max_nums}, {args.min_people}, {args.max_people})")
+    for name in ("data", "test_data"):
+        value = getattr(args, name) or ""
+        for path in value.split(separator) if separator else [value]:
+            if path and path not in tasks.GENERATED and not Path(path.strip()).is_file():
+                where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
+                p.error(f"--{name} {path!r}: no such file{where}")
+
+
+def flag(name: str) -> tuple:
+    """The entry of flag `name` in FLAGS (sft_go.py shares some)."""
+    return next(entry for entries in FLAGS.values() for entry in entries if entry[0] == name)
 
 
 def resolve_sft_length(p, args) -> None:
