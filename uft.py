@@ -4,12 +4,13 @@ UFT is GRPO-style RL whose prompts carry a hint, a prefix of the reference solut
 training (cosine decay) and its tokens get a log-likelihood term. One loop (`train`) runs it and its baselines
 (sft, rft, sft-rft, r3). docs/method.md states every formula; tasks and rewards live in tasks.py.
 
-Reading order (the method first; the command line after the banner):
+Reading order (the method first, support code after the banner):
     1. the sampler                 Rollout, filter_top_k_top_p, sample_next, prefill, decode_step, generate
     2. hints                       hint_fraction, cut_points, hint_chunks, sample_hint
     3. the objective's terms       group_advantages, policy_gradient_loss, kl_k3, masked_nll, rl_loss
     4. batches and scoring         Batch, make_batch, grouped_forward_logits, score
-    5. training and evaluation     State, rl_update, sft_update, train (the loop), evaluate
+    5. training                    State, rl_update, sft_update, train (the loop)
+    --- support code ---           evaluate (greedy, held-out), the command line
 Support modules: models.py (the built-in models, loading), runs.py (run folder, checkpoints), common.py.
 
 Run:
@@ -748,6 +749,11 @@ def train(args) -> dict:
     return runs.finish(run)
 
 
+############################################################################################################
+# Support code: evaluation and the command line. Nothing below is part of the method; it measures the method
+# and makes it runnable.
+############################################################################################################
+
 def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 256,
              num_samples: int = 4, progress: bool = False) -> tuple[dict, list[dict]]:
     """Accuracy (reward == 1), mean reward, format rate (an answer was extracted) of greedy completions, and
@@ -782,9 +788,9 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch
     return {**metrics, "rewards": rewards}, samples
 
 
-############################################################################################################
-# Support code: the command line. Nothing below is part of the method; it makes the method runnable.
-############################################################################################################
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
 
 def read_rows(args, files: str) -> list[dict]:
     """Rows of comma-separated files of the released schema, each row checked by its own task (--task for rows
