@@ -58,7 +58,7 @@ BASE_RECIPE = dict(
     seed=1234)             # problem draw and initialisation
 
 
-# Two more bases for the experiments (see the README's Results): a weak one that knows the answer format but
+# Two more bases for the experiments (docs/results.md): a weak one that knows the answer format but
 # rarely solves a problem (the paper's small-model regime), and one warmed up on 3-5 numbers (long horizons).
 BASE_RECIPES = {r["name"]: r for r in (
     BASE_RECIPE,

@@ -825,8 +825,8 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
     return rows[args.num_test: args.num_test + args.num_train], [], rows[: args.num_test]
 
 
-# Every setting of a run, grouped by topic: (flag, default, help[, argparse options]). `--help`, the README's
-# flag table and config.json all come from this table. Defaults are CPU-sized; the released GPU runs' values
+# Every setting of a run, grouped by topic: (flag, default, help[, argparse options]). `--help`, the flag
+# table of docs/flags.md and config.json all come from this table. Defaults are CPU-sized; the released GPU runs' values
 # are named where they differ (docs/method.md has the full comparison).
 MODEL_FLAGS = [
     ("model", None, "'builtin' (default; 'builtin-kk' with --data kk; experiments: 'builtin-weak', "
@@ -938,7 +938,7 @@ def build_parser():
         prog="uft.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="UFT and its baselines (SFT, RFT, SFT-RFT, R3) on countdown. With no flags: UFT on the "
                     "built-in ~1M-parameter model, CPU, a few minutes. Defaults are CPU-sized; the paper's "
-                    "GPU settings are in the README.")
+                    "GPU settings are in docs/scaling.md.")
     for topic, flags in FLAGS.items():
         add_flags(p, topic, flags)
     return p
