@@ -725,7 +725,7 @@ def train(args) -> dict:
             schedule, use_hint_nll = a.hint_schedule or ALGOS[a.algo][0], ALGOS[a.algo][1]
             hints = [sample_hint(r["hint"], schedule, t, state.rng, a.T_hint, a.p_low, a.p_high) for r in rows]
             drawn = sum(f for _, _, f in hints) / len(hints)                  # mean k / K this step
-            rows, hints = shard(rows, a.mini_batch_size), shard(hints, a.mini_batch_size)
+            rows, hints = shard(rows, a.mini_batch_size), shard(hints, a.mini_batch_size)  # one process: all
             prompts, hint_lengths = hinted_prompts(rows, hints, run.encode)
             sampled, seconds = timed(generate, state.model, tok, prompts, num_generations=G,
                                      max_new_tokens=a.max_completion_length, temperature=a.temperature,
@@ -739,7 +739,7 @@ def train(args) -> dict:
                                tok.pad_token_id, advantages=advantages, device=state.model.device)
             shown = hint_fraction(t, a.T_hint, a.p_low, a.p_high) if schedule == "cosine" else drawn
             metrics = {**rollout_stats(rewards, sampled, G, shown, drawn, seconds),
-                       **rl_update(state, batch, a, vocab, use_hint_nll)}
+                       **rl_update(state, batch, a, vocab, use_hint_nll)}    # score, loss, optimizer step
             samples = [{"hint": hints[p][0], "completion": texts[i], "reward": float(rewards[i])}
                        for i, p in enumerate(owner[:G])]                      # the first group
         state.scheduler.step()               # the schedule counts training steps, not optimizer updates
