@@ -34,8 +34,8 @@ END = re.compile(r"^\s*# END SOLUTION\s*$")
 MD_SOLUTION = re.compile(r"<!-- BEGIN SOLUTION -->.*?<!-- END SOLUTION -->", re.S)
 MD_PLACEHOLDER = "*(your answer here)*"
 STUBBED = ["uft.py", "sft_go.py"]                       # files whose marked bodies become stubs
-COPIED = ["tasks.py", "common.py", "models.py", "runs.py", "requirements.txt", "README.md", "docs", "experiments/reproduce.py",
-          "experiments/results"]
+COPIED = ["tasks.py", "common.py", "models.py", "runs.py", "requirements.txt", "README.md", "docs",
+          "experiments/reproduce.py", "experiments/results"]
 COURSE_SKIP = {"make.py", "__pycache__"}                # the student kit needs no builder
 
 
