@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import uft  # noqa: E402
 
 RUNS, RESULTS = ROOT / "experiments" / "runs", ROOT / "experiments" / "results"
@@ -255,11 +256,7 @@ def tiny_model(folder: Path) -> Path:
                                 num_key_value_heads=2)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
-
-    def save(tmp):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    uft.save_atomically(save, folder)
+    common.save_model(model, tok, folder)
     return folder
 
 

@@ -326,11 +326,11 @@ def test_nums_must_be_a_list_of_integers(nums):
         tasks.check_rows([row], "f.jsonl")
 
 
-# --- README "When something goes wrong": every row run as written -------------------------------------------
+# --- docs/errors.md "When something goes wrong": every row run as written --------------------------------
 
 def readme_cases() -> list[tuple[str, str, int]]:
     import re
-    section = (ROOT / "README.md").read_text().split("\n## When something goes wrong\n")[1].split("\n## ")[0]
+    section = (ROOT / "docs" / "errors.md").read_text().split("\n## When something goes wrong\n")[1].split("\n## ")[0]
     return [(command, seen, int(status)) for command, seen, status in
             re.findall(r"^\| `([^`]+)`[^|]* \| `([^`]+)` \| (\d+) \|$", section, flags=re.M)]
 
@@ -344,7 +344,7 @@ def test_the_readme_table_has_a_row_for_each_kind_of_failure():
 
 
 def data_files(folder: Path) -> None:
-    """The files the README table names, each with the one flaw its row is about."""
+    """The files the error table names, each with the one flaw its row is about."""
     rows = tasks.generate_countdown(30, seed=9, min_nums=3, max_nums=3)
     line = lambda r: json.dumps(r) + "\n"   # noqa: E731
     sft = [{"prompt": "2 + 2 =", "response": " 4"}, {"prompt": "3 + 3 =", "response": ""}]
