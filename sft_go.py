@@ -801,9 +801,15 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                 f"{args.max_nums}, {args.min_people}, {args.max_people})")
     for name in ("data", "test_data"):
         value = getattr(args, name)
-        if value and value not in tasks.GENERATED and not Path(value).is_file():
+        if not value or value in tasks.GENERATED:
+            continue
+        try:
+            tasks.data_location(value)      # a file, a save_to_disk folder or a Hub dataset id
+        except FileNotFoundError:
             where = " (and not 'countdown' or 'kk')" if name == "data" else ""
             p.error(f"--{name} {value!r}: no such file{where}")
+        except ValueError as err:
+            p.error(f"--{name}: {err}")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"sft_go-{time.strftime('%Y%m%d-%H%M%S')}")
 

@@ -278,6 +278,7 @@ def _load_records(value: str, where: str, split: str) -> list[dict]:
 
     import datasets
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # its error logs: read_records says it in one line
+    datasets.disable_progress_bars()                             # a file of rows reads in a blink
     if where == "hub":
         return datasets.load_dataset(value, split=split).to_list()
     path = Path(value).expanduser()

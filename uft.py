@@ -1066,7 +1066,10 @@ def run_eval(run: Run, progress: bool = False) -> dict:
         if not common.is_main():             # torchrun: every rank has the gathered results; rank 0 writes
             out.update({f"{split}_{k}": v for k, v in metrics.items()})
             continue
-        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split, "rewards": rewards})
+        sources = [tasks.row_source(r) for r in rows]
+        per_row = {"sources": sources} if len(set(sources)) > 1 else {}     # a mixed file: each row's source
+        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split, "rewards": rewards,
+                                                      **per_row})
         if split == "eval":
             for s in samples:
                 append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": run.step, **s})
@@ -1166,13 +1169,15 @@ def plot_run(out: Path) -> Path:
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def read_rows(args, files: str) -> list[dict]:
-    """Rows of comma-separated files of the released schema, each row checked by its own task (--task for rows
-    without a data_source, --math_levels for MATH rows)."""
+def read_rows(args, files: str, split: str = "train") -> list[dict]:
+    """Rows of comma-separated files, folders or Hub datasets (their `split`) of the released schema, each row
+    checked by its own task (--task for rows without a data_source, --math_levels for MATH rows)."""
     levels = {int(x) for x in args.math_levels.split(",")} if args.math_levels else None
+    columns = tasks.parse_columns(args.data_columns)
     try:
         return [row for path in files.split(",")
-                for row in tasks.load_task_rows(path.strip(), task=args.task, math_levels=levels)]
+                for row in tasks.load_task_rows(path.strip(), split, task=args.task, math_levels=levels,
+                                                columns=columns)]
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
 
@@ -1193,8 +1198,8 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
         train, test = tasks.tree_split(args.num_train, 0, args.seed, args.tree_branching, args.tree_height,
                                        args.tree_ids)
         return train, [], test
-    rows = read_rows(args, args.data)
-    test_rows = read_rows(args, args.test_data) if args.test_data else None
+    rows = read_rows(args, args.data, args.data_split)
+    test_rows = read_rows(args, args.test_data, args.test_split) if args.test_data else None
     if test_rows is not None:
         return rows[: args.num_train], [], test_rows[: args.num_test]
     if len(rows) <= args.num_test:
@@ -1268,9 +1273,14 @@ FLAGS = {
          {"type": int, "range": "[1, inf)"}),
     ],
     "data": [
-        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.jsonl/.json file"),
-        ("test_data", None, "held-out file(s), comma-separated (default: the first num_test rows of --data)",
+        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.json/.jsonl/.csv file, a "
+                              "save_to_disk folder or a Hub dataset id (owner/name), read by `datasets`"),
+        ("test_data", None, "held-out data, comma-separated (default: the first num_test rows of --data)",
          {"type": str}),
+        ("data_split", "train", "the split of --data when it is a Hub dataset or a save_to_disk DatasetDict"),
+        ("test_split", "test", "the split of --test_data when it is a Hub dataset or a save_to_disk DatasetDict"),
+        ("data_columns", None, "rename a dataset's columns to the project's fields: ours=theirs,... "
+                               "(e.g. nums=numbers,target=answer)", {"type": str}),
         ("task", "countdown", "the task of file rows without a data_source (rows with one use its task)",
          {"choices": list(tasks.TASKS)}),
         ("math_levels", None, "MATH rows: keep only these levels, comma-separated (the paper: 3,4,5); "
@@ -1345,9 +1355,19 @@ def check_args(p, args) -> None:
         p.error("--num_val is for the built-in countdown only")
     for name in ("data", "test_data"):
         for path in (getattr(args, name) or "").split(","):
-            if path and path not in tasks.GENERATED and not Path(path.strip()).is_file():
+            if not path or path in tasks.GENERATED:
+                continue
+            try:
+                tasks.data_location(path.strip())
+            except FileNotFoundError:
                 where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
                 p.error(f"--{name} {path!r}: no such file{where}")
+            except ValueError as err:
+                p.error(f"--{name}: {err}")
+    try:
+        tasks.parse_columns(args.data_columns)
+    except ValueError as err:
+        p.error(f"--data_columns: {err}")
     if args.math_levels and not all(x.strip().isdigit() for x in args.math_levels.split(",")):
         p.error(f"--math_levels {args.math_levels!r}: give comma-separated level numbers, e.g. 3,4,5")
     resolve_sft_length(p, args)
@@ -1414,7 +1434,8 @@ def evaluate_only(args) -> dict:
     if common.is_main():                     # torchrun: rank 0 alone owns the run folder
         args.run_id = common.claim_run_folder(out, args.overwrite)
     if args.test_data or args.data not in tasks.GENERATED:
-        test_rows = read_rows(args, args.test_data or args.data)[: args.num_test]
+        test_rows = read_rows(args, args.test_data or args.data,
+                              args.test_split if args.test_data else args.data_split)[: args.num_test]
     else:                                  # the built-in split's held-out side (it ignores num_train)
         test_rows = load_rows(argparse_copy(args, num_train=1))[2]
     if not test_rows:

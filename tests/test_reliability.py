@@ -312,14 +312,22 @@ def test_rows_with_a_question_over_max_prompt_length_are_skipped_and_counted(tin
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
 
 
-@pytest.mark.parametrize("value", [98.0, "98", True, None, [98]])
+@pytest.mark.parametrize("value", [98.5, float("nan"), float("inf"), "98", True, None, [98]])
 def test_a_target_must_be_an_integer(value):
     row = {**tasks.generate_countdown(1, seed=0)[0], "target": value}
     with pytest.raises(ValueError, match="target"):
         tasks.check_rows([row], "f.jsonl")
 
 
-@pytest.mark.parametrize("nums", [[44, 19.0, 35], ["44", 19, 35], [44, True, 35], [], "44 19 35"])
+def test_a_whole_float_target_or_number_is_an_integer():
+    # a file that mixes sources stores countdown targets as floats (NaN in the other rows): 24.0 means 24
+    row = tasks.generate_countdown(1, seed=0)[0]
+    (checked,) = tasks.check_rows([{**row, "target": float(row["target"]),
+                                    "nums": [float(x) for x in row["nums"]]}], "f.jsonl")
+    assert checked == row and type(checked["target"]) is int and all(type(x) is int for x in checked["nums"])
+
+
+@pytest.mark.parametrize("nums", [[44, 19.5, 35], ["44", 19, 35], [44, True, 35], [], "44 19 35"])
 def test_nums_must_be_a_list_of_integers(nums):
     row = {**tasks.generate_countdown(1, seed=0)[0], "nums": nums}
     with pytest.raises(ValueError, match="nums"):
@@ -353,7 +361,7 @@ def data_files(folder: Path) -> None:
         "latin-1.jsonl": (line(rows[0]) + json.dumps({**rows[1], "question": rows[1]["question"] + "é"},
                                                      ensure_ascii=False) + "\n").encode("latin-1"),
         "string-target.jsonl": line(rows[0]) + line({**rows[1], "target": "98"}),
-        "float-nums.jsonl": line({**rows[0], "nums": [float(x) for x in rows[0]["nums"]]}),
+        "float-nums.jsonl": line({**rows[0], "nums": [x + 0.5 for x in rows[0]["nums"]]}),   # 98.0 would be 98
         "list-line.jsonl": "[1, 2]\n",
         "object.json": json.dumps({"prompt": "p", "response": "r"}),
         "garbage.parquet": b"PAR1 this is not parquet",
