@@ -363,6 +363,8 @@ def read_records(value: str, split: str = "train", columns: dict[str, str] | Non
     except Exception as err:  # datasets and pyarrow raise many types for a broken source; one clear line
         kind = DATA_FORMATS.get(Path(value).suffix.lower(), "a dataset") if where == "file" else where
         why = _first_line(err)
+        if "corresponds to no data" in why:                    # datasets' words for a file without rows
+            raise ValueError(f"{value}: no rows") from None
         if (mixed := MIXED_COLUMN.search(why)) is not None:   # pyarrow's words for a column of two types
             column, old, new, row = mixed.groups()
             raise _row_error(value, int(row), column.strip("/"), f"changed from {old} to {new} (every row "
