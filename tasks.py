@@ -67,20 +67,33 @@ class Task:
     sample_fields: tuple[str, ...] = ()               # row fields written beside evaluation samples
 
 
-# The functions named here are defined further down; a lambda looks each up when it is called.
+# The functions named here are defined further down; a lambda looks each one up when it is called.
 TASKS = {
-    "countdown": Task("countdown", lambda row, text: countdown_reward(text, row["nums"], row["target"]),
-                      lambda *a: validate_countdown_row(*a), lambda *a, **k: countdown_split(*a, **k),
-                      (COUNTDOWN_SOURCE,), ("nums", "target")),
-    "kk": Task("kk", lambda row, text: kk_reward(text, row["ground_truth"]), lambda *a: validate_kk_row(*a),
-               lambda *a, **k: kk_split(*a, **k), (KK_SOURCE, "kk"), ("data_source", "ground_truth")),
-    "math": Task("math", lambda row, text: math_reward(text, row["target"]), lambda *a: validate_math_row(*a),
-                 lambda *a, **k: no_generator("math"), MATH_SOURCES, ("data_source", "target", "level")),
-    "numeric": Task("numeric", lambda row, text: numeric_reward(text, row["target"]),
-                    lambda *a: validate_numeric_row(*a), lambda *a, **k: no_generator("numeric"),
-                    NUMERIC_SOURCES, ("data_source", "target")),
-    "tree": Task("tree", lambda row, text: tree_reward(text, row["ground_truth"]), lambda *a: validate_tree_row(*a),
-                 lambda *a, **k: tree_split(*a, **k), (TREE_SOURCE,), ("data_source", "ground_truth")),
+    "countdown": Task("countdown",
+                      reward=lambda row, text: countdown_reward(text, row["nums"], row["target"]),
+                      check_row=lambda row, i, where: validate_countdown_row(row, i, where),
+                      split=lambda *args, **kw: countdown_split(*args, **kw),
+                      sources=(COUNTDOWN_SOURCE,), sample_fields=("nums", "target")),
+    "kk": Task("kk",
+               reward=lambda row, text: kk_reward(text, row["ground_truth"]),
+               check_row=lambda row, i, where: validate_kk_row(row, i, where),
+               split=lambda *args, **kw: kk_split(*args, **kw),
+               sources=(KK_SOURCE, "kk"), sample_fields=("data_source", "ground_truth")),
+    "math": Task("math",
+                 reward=lambda row, text: math_reward(text, row["target"]),
+                 check_row=lambda row, i, where: validate_math_row(row, i, where),
+                 split=lambda *args, **kw: no_generator("math"),
+                 sources=MATH_SOURCES, sample_fields=("data_source", "target", "level")),
+    "numeric": Task("numeric",
+                    reward=lambda row, text: numeric_reward(text, row["target"]),
+                    check_row=lambda row, i, where: validate_numeric_row(row, i, where),
+                    split=lambda *args, **kw: no_generator("numeric"),
+                    sources=NUMERIC_SOURCES, sample_fields=("data_source", "target")),
+    "tree": Task("tree",
+                 reward=lambda row, text: tree_reward(text, row["ground_truth"]),
+                 check_row=lambda row, i, where: validate_tree_row(row, i, where),
+                 split=lambda *args, **kw: tree_split(*args, **kw),
+                 sources=(TREE_SOURCE,), sample_fields=("data_source", "ground_truth")),
 }
 
 
