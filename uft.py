@@ -606,9 +606,13 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
     # later updates need the log-probs of the policy that sampled; a single update has them in its own graph
     old_logp = sampling_policy_logp(run, batch, rows_per_pass) if len(updates) > 1 else None
     run.model.train()
-    totals, norms = {}, []
+    totals, norms, skipped = {}, [], 0
     for update in updates:
         mini = batch.rows(update)
+        # --skip_silent_updates: an update whose groups all have A = 0 (and no hint NLL) carries no signal;
+        # Adam would still step, replaying its momentum from the last rare success (docs/sparse-rewards.md)
+        hint_nll = use_hint_nll and a.sft_loss_coef > 0 and bool(mini.hint_mask.any())
+        silent = a.skip_silent_updates and not common.all_reduce_sum(int(mini.advantages.any()) + int(hint_nll))
         # token means over the whole update: under torchrun its tokens are on every rank, so count them all
         n_response = common.all_reduce_sum(int(mini.target_mask.sum()))
         n_hint = common.all_reduce_sum(int(mini.hint_mask.sum()))
@@ -620,11 +624,14 @@ def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / len(updates)
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(updates)
-        norms.append(optimizer_step(run.model, run.optimizer, a.max_grad_norm))
+        if silent:
+            run.optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+        norms.append(0.0 if silent else optimizer_step(run.model, run.optimizer, a.max_grad_norm))
     # each rank's terms are its share of the global token means (global counts above): they add up
     totals = {k: common.all_reduce_sum(v) for k, v in totals.items()}
     totals["grad_norm"] = sum(norms) / len(norms)
-    totals["updates"] = len(updates)
+    totals["updates"] = len(updates) - skipped
     return totals
 
 
@@ -705,6 +712,9 @@ def train(args) -> dict:
                                    "(try a lower --learning_rate)") from None
         metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
         record_step(run, metrics, bar, last=step == steps)
+        if args.stop_at is not None and metrics.get("eval_accuracy", -1.0) >= args.stop_at:
+            save_checkpoint(run)             # the target is reached: the run ends here (steps to solve)
+            break
     bar.close()
     if not common.is_main():                 # torchrun: rank 0 writes the plot and reads the summary
         return {}
@@ -1152,7 +1162,8 @@ def run_summary(out: Path) -> dict:
     evals = [m for m in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in m]
     rewards = [r["rewards"] for r in read_jsonl(out / "eval_rewards.jsonl") if r["split"] == "eval"]
     return {"base_accuracy": evals[0]["eval_accuracy"], "final_accuracy": evals[-1]["eval_accuracy"],
-            "comparison": paired_comparison(rewards[0], rewards[-1]), "output_dir": str(out)}
+            "comparison": paired_comparison(rewards[0], rewards[-1]), "output_dir": str(out),
+            "steps": evals[-1]["step"]}
 
 
 def plot_run(out: Path) -> Path:
@@ -1259,6 +1270,9 @@ FLAGS = {
                                    "constant)", {"choices": ["constant", "cosine"]}),
         ("warmup_ratio", 0.0, "fraction of T spent warming up", {"range": "[0, 1]"}),
         ("max_grad_norm", 1.0, "gradient-norm clip", {"range": "(0, inf)"}),
+        ("skip_silent_updates", False, "RL: skip the optimizer update when every group's advantage is 0 and no "
+                                       "hint NLL applies (not in the paper; docs/sparse-rewards.md)",
+         {"action": "store_true"}),
         ("gradient_checkpointing", False, "recompute each layer in the backward: activations shrink about "
                                           "layers-fold for one more forward's compute",
          {"action": "store_true"}),
@@ -1311,6 +1325,8 @@ FLAGS = {
         ("eval_only", False, "only evaluate --model (or a run folder's checkpoint) on the held-out rows "
                              "(--test_data); writes the same metrics and samples", {"action": "store_true"}),
         ("eval_steps", 25, "evaluate every this many steps", {"range": "[1, inf)"}),
+        ("stop_at", None, "end the run at the first evaluation whose held-out accuracy reaches this "
+                          "(steps-to-solve experiments)", {"type": float, "range": "[0, 1]"}),
         ("eval_batch_size", 256, "prompts per greedy eval batch", {"range": "[1, inf)"}),
         ("save_steps", 25, "checkpoint every this many steps", {"range": "[1, inf)"}),
         ("seed", 0, "data order, hints, sampling and initialisation", {"range": "[0, inf)"}),
@@ -1551,7 +1567,7 @@ def run_and_report(args) -> int:
     verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
                "not distinguishable from no change on this many problems")
     print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> "
-          f"{result['final_accuracy']:.3f} after {total_steps(args)} steps, {minutes:.1f} min. "
+          f"{result['final_accuracy']:.3f} after {result['steps']} steps, {minutes:.1f} min. "
           f"Run folder: {result['output_dir']}\nchange {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to "
           f"{c['high']:+.3f} over {c['n']} held-out problems ({c['wins']} gained, {c['losses']} lost): "
           f"{verdict}")

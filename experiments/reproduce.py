@@ -36,6 +36,14 @@ RUNS, RESULTS = ROOT / "experiments" / "runs", ROOT / "experiments" / "results"
 SEEDS = (0, 1, 2)
 ALGOS = ("sft", "rft", "sft-rft", "r3", "uft")
 HORIZON = (3, 4, 5)    # numbers per problem in the horizon grid: n - 1 arithmetic steps
+# The theorem grid: a B-ary tree of height H with one rewarded leaf (`--data tree`), one tree per seed.
+THEOREM_HEIGHTS = {2: (1, 2, 4, 6, 8, 10), 3: (1, 2, 3, 4, 5, 6)}
+THEOREM_CAP = 400          # training steps of 8 rollouts before a run is censored (3,200 rollouts)
+THEOREM_METHODS = {        # the settings chosen on validation trees (grid `sparse`, docs/sparse-rewards.md)
+    "sft": ["--algo", "sft"], "uft": ["--algo", "uft", "--skip_silent_updates"],
+    "uft-paper": ["--algo", "uft"],                       # without the remedy, as the paper's algorithm runs
+    "hints": ["--algo", "uft", "--sft_loss_coef", "0", "--skip_silent_updates"],
+    "r3": ["--algo", "r3", "--skip_silent_updates"], "rft": ["--algo", "rft", "--skip_silent_updates"]}
 KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
@@ -108,6 +116,38 @@ GRIDS = {
                             "--eval_batch_size", "16", "--max_completion_length", "192",
                             "--max_response_length", "192"],
                   "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}},
+    "theorem": {"about": "the search tree of the paper's theorem: one secret path among B^H, one tree per "
+                         f"seed, 8 rollouts per step, until greedy accuracy reaches 0.5 (cap {THEOREM_CAP} "
+                         "steps)",
+                "common": ["--eval_steps", "1", "--save_steps", "100"], "in_process": True,
+                "flags": ["--data", "tree", "--model", "builtin-tree", "--num_train", "1", "--batch_size", "1",
+                          "--mini_batch_size", "1", "--num_generations", "8", "--T", str(THEOREM_CAP),
+                          "--T_hint", "100",
+                          "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--sft_learning_rate",
+                          "1e-3", "--sft_loss_coef", "1", "--stop_at", "0.5"],
+                "cells": {f"{m}-B{B}-H{H}": [*flags, "--tree_branching", str(B), "--tree_height", str(H)]
+                          for level in range(6) for B, heights in THEOREM_HEIGHTS.items()
+                          for H in heights[level:level + 1] for m, flags in THEOREM_METHODS.items()}},
+    # What lets RL learn from rare successes (docs/sparse-rewards.md): validation trees only, 4 per run
+    "sparse": {"about": "4 validation trees of B = 3, H = 4 (81 leaves) per run, 8 rollouts per tree per step, "
+                        "until greedy accuracy reaches 0.5 (cap 200 steps): learning rate, skipping silent "
+                        "updates, the KL weight, the hint-NLL weight",
+               "common": ["--eval_steps", "2", "--save_steps", "100"],
+               "flags": ["--data", "tree", "--model", "builtin-tree", "--tree_ids", "validation",
+                         "--tree_branching", "3", "--tree_height", "4", "--num_train", "4", "--batch_size", "4",
+                         "--mini_batch_size", "4", "--num_generations", "8", "--T", "200", "--T_hint", "100",
+                         "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--sft_learning_rate", "1e-3",
+                         "--stop_at", "0.5"],
+               "cells": {"rft-lr2e-4": ["--algo", "rft", "--learning_rate", "2e-4"],
+                         "rft": ["--algo", "rft"],
+                         "rft-skip": ["--algo", "rft", "--skip_silent_updates"],
+                         "rft-skip-beta0.05": ["--algo", "rft", "--skip_silent_updates", "--beta", "0.05"],
+                         "uft-nll0.001": ["--algo", "uft"],
+                         "uft-nll1": ["--algo", "uft", "--sft_loss_coef", "1"],
+                         "uft-nll1-skip": ["--algo", "uft", "--sft_loss_coef", "1", "--skip_silent_updates"],
+                         "hints-skip": ["--algo", "uft", "--sft_loss_coef", "0", "--skip_silent_updates"],
+                         "sft": ["--algo", "sft"]},
+               "seeds": (0, 1)},
     "quick": {"about": "a tiny random model, two steps: checks the runner end to end (CI)",
               "flags": ["--T", "2", "--T_hint", "1", "--num_train", "16", "--num_test", "4", "--num_val", "4",
                         "--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
@@ -136,6 +176,34 @@ def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tupl
     return [sys.executable, g.get("script", "uft.py"), *flags], out
 
 
+def in_process(cmd: list[str], env: dict, log) -> int:
+    """`python uft.py <flags>` as uft.main(<flags>) in this worker process: a grid of runs of seconds pays
+    the imports once per worker, not once per run."""
+    import contextlib
+
+    import torch
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    os.chdir(ROOT)
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            return uft.main(cmd[2:])
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 1
+
+
+in_worker = False  # set in the worker processes of an in-process sweep (grids with "in_process": True)
+
+
+def start_worker() -> None:
+    global in_worker
+    in_worker = True
+
+
+def run_job(job: tuple) -> str:
+    return run_one(*job)
+
+
 def run_one(cmd: list[str], out: Path) -> str:
     """Run (or resume) one training run in its own single-thread process; done.json marks it finished."""
     if (out / "done.json").exists():
@@ -150,7 +218,8 @@ def run_one(cmd: list[str], out: Path) -> str:
            "TOKENIZERS_PARALLELISM": "false"}
     start = time.time()
     with open(out / "log.txt", "a") as log:
-        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        code = (in_process(cmd, env, log) if in_worker else
+                subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     if code != 0:
         return f"FAILED ({code}) {out}: see {out / 'log.txt'}"
     done = {"command": " ".join(Path(c).name if c == sys.executable else c for c in cmd),
@@ -202,10 +271,20 @@ def sweep(grid: str, jobs: int, seeds, cells=None) -> None:
         uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
     todo = [run_command(grid, cell, seed, model_flags) for cell in cells or g["cells"] for seed in seeds]
     start = time.time()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message in pool.map(lambda job: run_one(*job), todo):
-            print(message, flush=True)
-    report(grid, seeds, elapsed=time.time() - start, jobs=jobs, argv=sys.argv[1:])
+    if g.get("in_process"):          # runs of seconds: worker processes that import uft once
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs, start_worker, maxtasksperchild=20) as pool:
+            for message in pool.imap(run_job, todo):
+                print(message, flush=True)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for message in pool.map(lambda job: run_one(*job), todo):
+                print(message, flush=True)
+    (RUNS / grid).mkdir(parents=True, exist_ok=True)
+    uft.append_jsonl(RUNS / grid / "sweeps.jsonl",       # what the report says made the runs
+                     {"argv": sys.argv[1:], "jobs": jobs, "minutes": (time.time() - start) / 60,
+                      "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start))})
+    report(grid, seeds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,6 +299,7 @@ def load_run(out: Path) -> dict | None:
     train = [m for m in metrics if m.get("phase") == "rl"]
     evals = [m for m in metrics if "eval_accuracy" in m or "eval_ce" in m]
     return {"metrics": metrics, "evals": evals, "done": json.loads((out / "done.json").read_text()),
+            "config": json.loads((out / "config.json").read_text()),
             "test_rewards": [r["rewards"] for r in rewards if r["split"] == "eval"],
             "solved": statistics.mean(m["solved_groups"] for m in train) if train else None,
             "zero_std": statistics.mean(m["zero_std_groups"] for m in train) if train else None}
@@ -252,7 +332,8 @@ def cell_table(grid: str, runs: dict) -> list[str]:
         if not done:
             continue
         last = [r["evals"][-1] for r in done]
-        budget = done[0]["metrics"][-1]
+        budget = {k: round(statistics.mean(r["metrics"][-1][k] for r in done))    # means over seeds
+                  for k in ("optimizer_steps", "problems_seen", "tokens_generated")}
         lines.append(
             f"| {cell} | {len(done)} | {mean_std([r['evals'][0]['eval_accuracy'] for r in done])} | "
             f"**{mean_std([e['eval_accuracy'] for e in last])}** | "
@@ -389,28 +470,140 @@ def plot_horizon(runs: dict) -> Path:
     return RESULTS / "horizon-steps.png"
 
 
+def solve_time(run: dict, target: float = 0.5, cap: int | None = None) -> dict:
+    """Rollouts (RL samples; SFT: demonstrations), optimizer steps and seconds until greedy accuracy first
+    reaches `target`; censored at the run's last step (or at step `cap`) when it never does (or later)."""
+    G = 1 if run["config"]["algo"] == "sft" else run["config"]["num_generations"]
+    evals = [m for m in run["evals"] if cap is None or m["step"] <= cap]
+    run = {**run, "metrics": [m for m in run["metrics"] if cap is None or m["step"] <= cap]}
+    at = next((m for m in evals if m["eval_accuracy"] >= target), None)
+    last = at or run["metrics"][-1]
+    return {"rollouts": last.get("problems_seen", 0) * G, "steps": last.get("optimizer_steps", 0),
+            "seconds": last.get("train_seconds", 0.0), "censored": at is None}
+
+
+def solve_table(runs: dict) -> list[str]:
+    """Per cell: the cost until greedy accuracy first reaches 0.5, and the policy's state at the end."""
+    lines = ["## Until greedy accuracy first reaches 0.5 (mean ± std over seeds; censored runs count at the cap)",
+             "", "| cell | solved | rollouts | optimizer steps | final format rate | final entropy | final KL |",
+             "|---|---|---|---|---|---|---|"]
+    for cell, seeds_ in runs.items():
+        done = [r for r in seeds_ if r]
+        if not done:
+            continue
+        times = [solve_time(r) for r in done]
+        rl = [[m for m in r["metrics"] if m.get("phase") == "rl"] for r in done]
+        lines.append(f"| {cell} | {sum(not t['censored'] for t in times)}/{len(times)} | "
+                     f"{mean_std([t['rollouts'] for t in times], 0)} | "
+                     f"{mean_std([t['steps'] for t in times], 0)} | "
+                     f"{mean_std([r['evals'][-1]['eval_format_rate'] for r in done], 2)} | "
+                     f"{mean_std([x[-1]['entropy'] if x else None for x in rl], 3)} | "
+                     f"{mean_std([x[-1]['kl'] if x else None for x in rl], 3)} |")
+    return lines
+
+
+def growth_rate(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(1 + rollouts) against H: the per-level growth factor is exp(slope)."""
+    import math
+    if len({h for h, _ in points}) < 2:
+        return None
+    xs, ys = [h for h, _ in points], [math.log1p(r) for _, r in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def theorem_tables(runs: dict, seeds) -> list[str]:
+    """Per cell: seeds solved and the cost to solve; per method and B: the fitted growth per level."""
+    import math
+    lines = ["## Cost until greedy accuracy first reaches 0.5 (mean ± std over seeds; censored runs count at "
+             "the cap)", "", "| method | B | H | solved | rollouts (SFT: demonstrations) | optimizer steps | "
+             "seconds | B^H/4 |", "|" + "---|" * 8]
+    fits = ["", "## Growth per level (least-squares slope of log(1 + rollouts) against H, per seed)", "",
+            "| method | B | growth factor per level, exp(slope) | ln-slope | seeds with a censored height |",
+            "|---|---|---|---|---|"]
+    for B, heights in THEOREM_HEIGHTS.items():
+        for m in THEOREM_METHODS:
+            per_seed = {}
+            for H in heights:
+                done = [r for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
+                if not done:
+                    continue
+                times = [solve_time(r, cap=THEOREM_CAP) for r in done]
+                for r, t in zip(done, times):
+                    per_seed.setdefault(r["config"]["seed"], []).append((H, t))
+                lines.append(f"| {m} | {B} | {H} | {sum(not t['censored'] for t in times)}/{len(times)} | "
+                             f"{mean_std([t['rollouts'] for t in times], 0)} | "
+                             f"{mean_std([t['steps'] for t in times], 0)} | "
+                             f"{mean_std([t['seconds'] for t in times], 1)} | {B ** H / 4:g} |")
+            slopes = [growth_rate([(H, t["rollouts"]) for H, t in pts]) for pts in per_seed.values()]
+            slopes = [x for x in slopes if x is not None]
+            if slopes:
+                censored = sum(any(t["censored"] for _, t in pts) for pts in per_seed.values())
+                fits.append(f"| {m} | {B} | {mean_std([math.exp(x) for x in slopes], 2)} (B = {B}) | "
+                            f"{mean_std(slopes, 2)} (ln B = {math.log(B):.2f}) | {censored}/{len(slopes)} |")
+    return lines + fits
+
+
+def plot_theorem(runs: dict) -> Path:
+    """Rollouts until solved against H on a log scale, one panel per B, with the bound B^H / 4."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    for ax, (B, heights) in zip(fig.subplots(1, len(THEOREM_HEIGHTS)), THEOREM_HEIGHTS.items()):
+        ax.plot(heights, [B ** H / 4 for H in heights], "k--", label="B^H / 4")
+        for i, m in enumerate(THEOREM_METHODS):
+            xs, mean, sd, open_ = [], [], [], []
+            for H in heights:
+                times = [solve_time(r, cap=THEOREM_CAP) for r in runs.get(f"{m}-B{B}-H{H}", []) if r]
+                if times:
+                    v = [max(1, t["rollouts"]) for t in times]
+                    xs.append(H)
+                    mean.append(statistics.mean(v))
+                    sd.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+                    open_.append(any(t["censored"] for t in times))
+            if not xs:
+                continue
+            line, = ax.plot(xs, mean, "o-", color=f"C{i}", label=m + (" (demonstrations)" if m == "sft" else ""))
+            ax.fill_between(xs, [max(1, a - b) for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.12)
+            cx = [x for x, c in zip(xs, open_) if c]
+            ax.plot(cx, [y for y, c in zip(mean, open_) if c], "^", mfc="white", color=line.get_color(),
+                    markersize=9)
+        ax.set(yscale="log", xlabel="H (levels)", ylabel="rollouts until greedy accuracy 0.5",
+               title=f"B = {B} (open triangles: a seed censored at the cap)", xticks=list(heights))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "theorem.png", dpi=90)
+    return RESULTS / "theorem.png"
+
+
 def load_grid(grid: str, seeds=SEEDS) -> dict:
     """{cell: [run or None per seed]}: the finished runs of a grid (see load_run)."""
     return {cell: [load_run(RUNS / grid / cell / f"seed{s}") for s in seeds] for cell in GRIDS[grid]["cells"]}
 
 
-def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Path:
+def report(grid: str, seeds) -> Path:
     g = GRIDS[grid]
     runs = load_grid(grid, seeds)
     finished = [r for seeds_ in runs.values() for r in seeds_ if r]
     info = finished[0]["done"] if finished else machine()
     total = sum(r["done"]["seconds"] for r in finished)
     go = g.get("script") == "sft_go.py"
+    sweeps = uft.read_jsonl(RUNS / grid / "sweeps.jsonl") if (RUNS / grid / "sweeps.jsonl").exists() else []
+    commits = sorted({r["done"].get("commit", "unknown") for r in finished})
     lines = [f"# Grid `{grid}`: {g['about']}", "",
-             f"Command: `python experiments/reproduce.py {' '.join(argv) or grid}` (each run: "
-             f"`python {g.get('script', 'uft.py')} {' '.join(g.get('common', COMMON) + g['flags'])} "
-             f"<cell flags> --seed S`)", "",
-             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run, "
-             f"{jobs} run(s) at a time; torch {info['torch']}, transformers {info['transformers']}; "
-             f"commit {info['commit']}.",
+             "Made by: " + ("; ".join(f"`python experiments/reproduce.py {' '.join(w['argv'])}` ({w['jobs']} "
+                                      f"run(s) at a time, {w['minutes']:.1f} min of wall time, started "
+                                      f"{w['started']})" for w in sweeps) or "(no sweep recorded)") +
+             f". Each run: `python {g.get('script', 'uft.py')} "
+             f"{' '.join(g.get('common', COMMON) + g['flags'])} <cell flags> --seed S`.", "",
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run; torch "
+             f"{info['torch']}, transformers {info['transformers']}; runs made at commit(s) "
+             f"{', '.join(commits)}.",
              f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} "
-             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs, "
-             f"{elapsed / 60:.1f} min of wall time in the last invocation.", "",
+             f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs.", "",
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
     lines += ["", "## Final accuracy and budget (mean ± std over seeds)", ""]
@@ -424,6 +617,11 @@ def report(grid: str, seeds, elapsed: float = 0.0, jobs: int = 1, argv=()) -> Pa
     lines += comparisons(grid, runs)
     lines += ["", f"![{grid}]({grid}.png)", ""]
     plot(grid, runs)
+    if grid == "sparse":
+        lines += solve_table(runs)
+    if grid == "theorem":
+        lines += theorem_tables(runs, seeds) + ["", "![rollouts until solved against H](theorem.png)", ""]
+        plot_theorem(runs)
     if grid == "horizon":
         plot_horizon(runs)
         lines += ["![accuracy and groups with a correct rollout against the number of arithmetic steps]"
@@ -462,7 +660,7 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.report:
-        print(report(args.grid, seeds, argv=sys.argv[1:] if argv is None else argv))
+        print(report(args.grid, seeds))
     else:
         cells = args.cells.split(",") if args.cells else None
         unknown = [c for c in cells or [] if c not in GRIDS[args.grid]["cells"]]
