@@ -1455,9 +1455,6 @@ def validate_numeric_row(row: dict, index: int, source: str) -> dict:
 TREE_LETTERS = "abcdefgh"  # the choices at every level: the first B letters
 
 
-TREE_SOURCE = "tree"  # the data_source of tree rows
-
-
 TREE_IDS = {"test": (0, 500), "validation": (500, 1000), "warmup": (1000, 100_000)}  # disjoint id ranges
 
 

@@ -352,6 +352,16 @@ def test_the_readme_table_has_a_row_for_each_kind_of_failure():
         {"uft.py", "sft_go.py"}
 
 
+def kk_row(names: list[str], statement: str | None = None) -> dict:
+    """A generated two-person K&K row with other names (and, given one, another first statement)."""
+    row = tasks.generate_kk(1, seed=3, min_people=2, max_people=2)[0]
+    truth = {**row["ground_truth"], "names": names,
+             "solution_text_format": tasks.kk_solution_text(names, row["ground_truth"]["solution"])}
+    if statement is not None:
+        truth["statements"] = f"({statement}, ('lying', 1))"
+    return {**row, "ground_truth": truth}
+
+
 def data_files(folder: Path) -> None:
     """The files the README table names, each with the one flaw its row is about."""
     rows = tasks.generate_countdown(30, seed=9, min_nums=3, max_nums=3)
@@ -370,6 +380,10 @@ def data_files(folder: Path) -> None:
         "long-question.jsonl": "".join(line({**r, "question": r["question"] + " filler" * 400} if i == 7 else r)
                                        for i, r in enumerate(rows)),
         "a-file.txt": "not a folder",
+        "negative-nums.jsonl": line({**rows[0], "nums": [-x for x in rows[0]["nums"]]}),
+        "accented-name.jsonl": line(kk_row(["Zo\u00eb", "Ben"])),
+        "deep-statements.jsonl": line(kk_row(["Ava", "Ben"], "(" * 5_000 + "('lying', 0)" + ")" * 5_000)),
+        "unknown-source.jsonl": "".join(line({**r, "data_source": "some/benchmark"}) for r in rows[:3]),
     }
     for name, content in files.items():
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
