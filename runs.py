@@ -227,7 +227,10 @@ def evaluate_run(run, progress: bool = False) -> dict:
         out.update({f"{split}_{k}": v for k, v in metrics.items()})
         if not common.is_main():             # every process has the gathered results; process 0 writes
             continue
-        append_jsonl(run.out / "eval_rewards.jsonl", {"step": step, "split": split, "rewards": rewards})
+        sources = [tasks.row_source(r) for r in rows]
+        per_row = {"sources": sources} if len(set(sources)) > 1 else {}     # a mixed file: each row's source
+        append_jsonl(run.out / "eval_rewards.jsonl", {"step": step, "split": split, "rewards": rewards,
+                                                      **per_row})
         if split == "eval":
             for s in samples:
                 append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": step, **s})
@@ -364,7 +367,8 @@ def evaluate_only(args) -> dict:
     if common.is_main():
         args.run_id = common.claim_run_folder(out, args.overwrite)
     if args.test_data or args.data not in tasks.GENERATED:
-        test_rows = uft.read_rows(args, args.test_data or args.data)[: args.num_test]
+        test_rows = uft.read_rows(args, args.test_data or args.data,
+                                  args.test_split if args.test_data else args.data_split)[: args.num_test]
     else:                                  # the built-in split's held-out side (it ignores num_train)
         test_rows = uft.load_rows(uft.argparse_copy(args, num_train=1))[2]
     if not test_rows:

@@ -803,13 +803,15 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def read_rows(args, files: str) -> list[dict]:
-    """Rows of comma-separated files of the released schema, each row checked by its own task (--task for rows
-    without a data_source, --math_levels for MATH rows)."""
+def read_rows(args, files: str, split: str = "train") -> list[dict]:
+    """Rows of comma-separated files, folders or Hub datasets (their `split`) of the released schema, each row
+    checked by its own task (--task for rows without a data_source, --math_levels for MATH rows)."""
     levels = {int(x) for x in args.math_levels.split(",")} if args.math_levels else None
+    columns = tasks.parse_columns(getattr(args, "data_columns", None))
     try:
         return [row for path in files.split(",")
-                for row in tasks.load_task_rows(path.strip(), task=args.task, math_levels=levels)]
+                for row in tasks.load_task_rows(path.strip(), split, task=args.task, math_levels=levels,
+                                                columns=columns)]
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
 
@@ -830,8 +832,8 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
         people = dict(min_people=args.min_people, max_people=args.max_people)
         train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
         return train, [], test
-    rows = read_rows(args, args.data)
-    test_rows = read_rows(args, args.test_data) if args.test_data else None
+    rows = read_rows(args, args.data, args.data_split)
+    test_rows = read_rows(args, args.test_data, args.test_split) if args.test_data else None
     if test_rows is not None:
         return rows[: args.num_train], [], test_rows[: args.num_test]
     if len(rows) <= args.num_test:
@@ -908,9 +910,14 @@ FLAGS = {
          {"type": int, "range": "[1, inf)"}),
     ],
     "data": [
-        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.jsonl/.json file"),
-        ("test_data", None, "held-out file(s), comma-separated (default: the first num_test rows of --data)",
+        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.json/.jsonl/.csv file, a "
+                              "save_to_disk folder or a Hub dataset id (owner/name), read by `datasets`"),
+        ("test_data", None, "held-out data, comma-separated (default: the first num_test rows of --data)",
          {"type": str}),
+        ("data_split", "train", "the split of --data when it is a Hub dataset or a save_to_disk DatasetDict"),
+        ("test_split", "test", "the split of --test_data when it is a Hub dataset or a save_to_disk DatasetDict"),
+        ("data_columns", None, "rename a dataset's columns to the project's fields: ours=theirs,... "
+                               "(e.g. nums=numbers,target=answer)", {"type": str}),
         ("task", "countdown", "the task of file rows without a data_source (rows with one use its task)",
          {"choices": list(tasks.TASKS)}),
         ("math_levels", None, "MATH rows: keep only these levels, comma-separated (the paper: 3,4,5); "
@@ -997,9 +1004,19 @@ def check_data_flags(p, args, separator: str | None = None) -> None:
     for name in ("data", "test_data"):
         value = getattr(args, name) or ""
         for path in value.split(separator) if separator else [value]:
-            if path and path not in tasks.GENERATED and not Path(path.strip()).is_file():
+            if not path or path in tasks.GENERATED:
+                continue
+            try:
+                tasks.data_location(path.strip())   # a file, a save_to_disk folder or a Hub dataset id
+            except FileNotFoundError:
                 where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
                 p.error(f"--{name} {path!r}: no such file{where}")
+            except ValueError as err:
+                p.error(f"--{name}: {err}")
+    try:
+        tasks.parse_columns(getattr(args, "data_columns", None))
+    except ValueError as err:
+        p.error(f"--data_columns: {err}")
 
 
 def flag(name: str) -> tuple:
