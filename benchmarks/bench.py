@@ -460,8 +460,9 @@ def plot_cache(per_token: dict, path: Path, rows: int) -> None:
 
 def uft_run(builtin_dir: str, out: Path, extra: list[str]):
     """A uft.Run built the way uft.train builds it, from `--algo uft` flags."""
-    args = uft.build_parser().parse_args(["--algo", "uft", "--model", builtin_dir, "--device", "cpu",
-                                          "--output_dir", str(out), "--num_train", "512", "--num_test", "8", *extra])
+    # the real parser: per-task defaults (max_completion_length, ...) and checks, as `python uft.py` gets them
+    args = uft.parse_args(["--algo", "uft", "--model", builtin_dir, "--device", "cpu",
+                           "--output_dir", str(out), "--num_train", "512", "--num_test", "8", *extra])
     model, tok = uft.load_model(args.model, dtype=args.dtype, device=args.device)
     train_rows, _, test_rows = uft.load_rows(args)
     ref = uft.frozen_copy(model) if args.beta > 0 else None
