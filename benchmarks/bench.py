@@ -1,26 +1,32 @@
-"""Performance benchmark of uft.py on this CPU: the hand-written sampler and the UFT step against the libraries.
+"""Performance benchmark of uft.py: the hand-written sampler and the UFT step against the libraries.
 
 What it measures, in one process (contenders interleaved A B A B ..., medians, ratios reported):
   1. sampler   `uft.generate` vs `model.generate` on GRPO-shaped work (P prompts x G samples, temperature 1,
                rows stopping at their own EOS): generated tokens/s (up to and including EOS) of each, and the
                ratio; plus greedy decoding on left-padded batches with token-identical outputs ASSERTED.
-               On the built-in model and on SmolLM2-135M-Instruct (GGUF), in float32 and bfloat16.
-  2. cache     time per new token with the KV cache (`uft.generate`) vs a loop doing a full forward over the
-               whole sequence per token, at generated lengths 32..512 (the built-in model's shape with a longer
-               max_position_embeddings); a table and cache_scaling.png.
+               On the built-in model and on SmolLM2-135M-Instruct (GGUF), in float32 and bfloat16; in bf16
+               also the sampler with its one-log-softmax draw switched off (does it pay for its lines?).
+  2. cache     time per new token of `uft.generate` (cache allocated once, written in place), of the same
+               sampler on transformers' DynamicCache (concatenated every token) and of a loop doing a full
+               forward per token, at generated lengths 32..512; a table and cache_scaling.png.
   3. step      one UFT training step (`uft.training_step` on a `uft.Run`) vs one TRL `GRPOTrainer` step with
                the same model, prompts, num_generations, completion length, beta and optimizer.
-  4. memory    peak RSS of `python uft.py`'s default run with a short T, run as a subprocess.
-  5. machine   fp32 / bf16 matmul GFLOP/s, and the sampler's model FLOP/s (2 x params x tokens/s) against it.
-Every timed loop runs on one thread (torch.set_num_threads(1)): the machine may be shared, and ratios of
-interleaved medians are what survives background load.
+  4. real      seconds per UFT step on SmolLM2-135M at the `smollm` grid's settings, float32 vs bfloat16,
+               split into sampling, scoring and update, with peak memory.
+  5. shapes    sampler vs model.generate and one UFT step on randomly initialised Qwen2.5-0.5B / 1.5B shapes
+               (published configs, nothing downloaded), bfloat16, with peak memory next to the estimate:
+               `--device cuda` on a GPU; on CPU the same code at a tiny shape.
+  6. memory    peak RSS of `python uft.py`'s default run with a short T, run as a subprocess.
+  7. machine   fp32 / bf16 matmul GFLOP/s, and the sampler's model FLOP/s (2 x params x tokens/s) against it.
+Every timed CPU loop runs on one thread (torch.set_num_threads(1)): the machine may be shared, and ratios of
+interleaved medians are what survives background load (absolute times do not).
 
 Run (from the repository root; TRL is only needed here, never by uft.py):
     pip install -r benchmarks/requirements-bench.txt
-    HF_HUB_OFFLINE=1 python benchmarks/bench.py                    # full run, ~10 min on a 2-core CPU
-    HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick            # smoke pass, about a minute
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py                    # full run (writes results.md, cache_scaling.png)
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick            # smoke pass without SmolLM2 (tests/test_bench.py)
     HF_HUB_OFFLINE=1 python benchmarks/bench.py --models builtin   # skip SmolLM2
-Writes benchmarks/results.md and benchmarks/cache_scaling.png.
+    python benchmarks/bench.py --device cuda                       # GPU: Qwen2.5-0.5B and 1.5B shapes (results-cuda.md)
 """
 from __future__ import annotations
 
