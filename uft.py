@@ -66,17 +66,16 @@ class Rollout:
         """(N, L) bool: True on completion tokens, built from lengths (never from ids != pad)."""
         return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.lengths[:, None]
 
-    def record(self, step: int, rows: torch.Tensor, live: torch.Tensor, tokens: torch.Tensor,
-               logits: torch.Tensor, temperature: float, stops: torch.Tensor) -> torch.Tensor:
-        """Write one step's tokens of the live batch rows (batch row i is output row rows[i]); returns
-        the rows still live (a row that sampled any EOS id is finished; its EOS stays a response token)."""
-        dest = rows[live]
-        self.ids[dest, step] = tokens[live]
-        self.logprobs[dest, step] = token_logprobs(logits[live], tokens[live], temperature)
-        self.lengths[dest] += 1
-        done = live & torch.isin(tokens, stops)                                    # (n,)
+    def record(self, step: int, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
+               stops: torch.Tensor) -> torch.Tensor:
+        """Write one step's tokens of the batch (batch row i is output row rows[i]); returns (n,) bool: the
+        rows that sampled an EOS id, now finished (their EOS stays a response token)."""
+        self.ids[rows, step] = tokens
+        self.logprobs[rows, step] = logprobs
+        self.lengths[rows] += 1
+        done = torch.isin(tokens, stops)                                           # (n,)
         self.finished[rows[done]] = True
-        return live & ~done
+        return done
 
     def trimmed(self) -> "Rollout":
         """Cut to the longest completion; cloned outside inference mode, so the tensors can join autograd."""
@@ -156,23 +155,83 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return draw_inverse_cdf(probs, generator)
 
 
+def sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) logits -> (n,) next ids and (n,) their `token_logprobs` at the temperature, from one log-softmax.
+
+    Saves: `sample_next` then `token_logprobs` pass over the (n, V) logits about ten times; here the draw
+    reads exp(log-probs) (top-k/top-p off) and the log-probs are gathered from the same table. Filtering
+    log-probs equals filtering logits / T (both are monotone in the logits; softmax ignores the shift).
+    """
+    logp = (logits.float() / (temperature or 1.0)).log_softmax(-1)                          # (n, V)
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    elif top_k == 0 and top_p >= 1.0:
+        tokens = draw_inverse_cdf(logp.exp(), generator)
+    else:
+        tokens = sample_next(logp, 1.0, top_k, top_p, generator)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def preallocated_cache(rows: int, width: int, group_size: int):
+    """A transformers `Cache` whose layers keep keys and values in one buffer each, (rows, heads, width,
+    head_dim), allocated at the first write and then written in place; attention reads `[:n, :, :length]`,
+    the n rows still in the batch up to the tokens written so far.
+
+    The first write (the prefill of P = rows / group_size prompts) is copied to each prompt's G rows.
+    Saves: transformers' `DynamicCache` concatenates the whole past at every token (a copy that grows with
+    the length: O(L^2) per completion) and copies the whole cache again to drop rows.
+    """
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class Layer(CacheLayerMixin):
+        is_sliding = False
+
+        def lazy_initialization(self, key_states, value_states):
+            heads = key_states.shape[1]
+            self.keys = key_states.new_empty((rows, heads, width, key_states.shape[-1]))
+            self.values = value_states.new_empty((rows, heads, width, value_states.shape[-1]))
+            self.length, self.is_initialized = 0, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            new = key_states.shape[2]                                       # states: (n, heads, new, dim)
+            if not self.is_initialized:                                     # the prefill: P prompts
+                self.lazy_initialization(key_states, value_states)
+                self.keys[:, :, :new].unflatten(0, (-1, group_size)).copy_(key_states[:, None])
+                self.values[:, :, :new].unflatten(0, (-1, group_size)).copy_(value_states[:, None])
+                self.length = new
+                return key_states, value_states
+            n, end = key_states.shape[0], self.length + new
+            self.keys[:n, :, self.length: end] = key_states
+            self.values[:n, :, self.length: end] = value_states
+            self.length = end
+            return self.keys[:n, :, :end], self.values[:n, :, :end]
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.get_seq_length() + query_length, 0
+
+        def get_max_length(self) -> int:
+            return width
+
+    return Cache(layer_class_to_replicate=Layer)
+
+
 def prefill(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, pad_id: int):
-    """Run each prompt once and copy its cache to its G rows: (first logits (N, V), cache, mask, S).
+    """Run each prompt once, its keys/values written to its G rows: (first logits (N, V), cache, mask, S).
 
     Saves: G - 1 of every G prompt passes (the plain version runs all N = P * G rows). Each row then draws
     its own first token; the mask (N, S + max_new_tokens) serves every later step: the prompt's, then ones.
     """
-    from transformers import DynamicCache
-
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)        # (P, S)
-    cache = DynamicCache(config=model.config)
+    N, S = ids.shape[0] * group_size, ids.shape[1]
+    cache = preallocated_cache(N, S + max_new_tokens, group_size)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
-    if group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-    N = ids.shape[0] * group_size
     mask = torch.cat([mask.repeat_interleave(group_size, 0), mask.new_ones((N, max_new_tokens))], 1)
-    return logits.repeat_interleave(group_size, 0), cache, mask, ids.shape[1]
+    return logits.repeat_interleave(group_size, 0), cache, mask, S
 
 
 def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor):
@@ -181,18 +240,24 @@ def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, position
                  past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-DROP_FINISHED = 0.25  # drop finished rows once they are this share of the batch (a drop copies the cache)
+def drop_finished(cache, done: torch.Tensor) -> torch.Tensor:
+    """Shrink the batch to its unfinished rows, in place: returns `order` (n_live,), the old batch row that
+    each new batch row holds (gather every per-row tensor with it).
 
-
-def drop_finished(cache, live: torch.Tensor, *row_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Remove finished rows from the batch and its cache: (live[keep], *(t[keep] for t in row_tensors)).
-
-    Saves: the finished rows' share of every later decoding step. The plain version keeps every row until
-    the last one stops and ignores the finished rows' tokens; the outputs are the same.
+    Each finished row inside the new, shorter batch is overwritten by a live row from behind it, so a step
+    copies as many cache rows as rows finished, never the whole cache. Saves: the finished rows' share of
+    every later step; the plain version keeps every row to the end and ignores the finished ones' tokens.
     """
-    keep = live.nonzero().squeeze(-1)
-    cache.batch_select_indices(keep)
-    return (live[keep], *(t[keep] for t in row_tensors))
+    live = ~done
+    n = int(live.sum())
+    holes = done[:n].nonzero().squeeze(-1)              # finished rows that stay inside the shorter batch
+    movers = live[n:].nonzero().squeeze(-1) + n         # live rows behind it: as many as there are holes
+    for layer in cache.layers:
+        for buffer in (layer.keys, layer.values):
+            buffer[holes, :, : layer.length] = buffer[movers, :, : layer.length]
+    order = torch.arange(n, device=done.device)
+    order[holes] = movers
+    return order
 
 
 def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tokens: int = 64,
@@ -201,9 +266,9 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
     """Sample `num_generations` completions per prompt (token lists, or strings) with a KV cache.
 
     Left-padded prompts, position ids counting real tokens, one `prefill` per prompt, then one `decode_step`
-    per token; a row stops at any EOS id; finished rows leave the batch (`drop_finished`) once they are
-    DROP_FINISHED of it. Log-probs are those of the temperature-scaled distribution (before top-k/top-p),
-    the quantity `score` computes by teacher forcing.
+    per token into a cache allocated once; a row stops at any EOS id and leaves the batch at once
+    (`drop_finished`). Log-probs are those of the temperature-scaled distribution (before top-k/top-p), the
+    quantity `score` computes by teacher forcing. Ids >= len(tokenizer) (padded vocabulary) are never drawn.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings or token-id lists, not one string")
@@ -211,7 +276,7 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
                for p in prompts]
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    device, N = next(model.parameters()).device, len(prompts) * num_generations
+    device, N, vocab = next(model.parameters()).device, len(prompts) * num_generations, len(tokenizer)
     stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
     out = empty_rollout(len(prompts), num_generations, max_new_tokens, pad_id, device)
@@ -220,16 +285,16 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
     try:
         with torch.inference_mode():
             logits, cache, mask, S = prefill(model, prompts, num_generations, max_new_tokens, pad_id)
-            rows, live = torch.arange(N, device=device), torch.ones(N, dtype=torch.bool, device=device)
-            positions = mask[:, :S].sum(-1)                                   # (N,) next position of each row
+            rows = torch.arange(N, device=device)                            # (n,) output row of each batch row
+            positions = mask[:, :S].sum(-1)                                   # (n,) next position of each row
             for step in range(max_new_tokens):
-                logits = mask_padded_vocab(logits, len(tokenizer))
-                tok = sample_next(logits, temperature, top_k, top_p, generator)            # (n,)
-                live = out.record(step, rows, live, tok, logits, temperature, stops)
-                if step == max_new_tokens - 1 or not live.any():
+                tok, logp = sample_with_logprobs(logits[:, :vocab], temperature, top_k, top_p, generator)
+                done = out.record(step, rows, tok, logp, stops)
+                if step == max_new_tokens - 1 or done.all():
                     break
-                if (~live).sum() >= DROP_FINISHED * live.numel():
-                    live, rows, tok, mask, positions = drop_finished(cache, live, rows, tok, mask, positions)
+                if done.any():
+                    order = drop_finished(cache, done)
+                    rows, tok, positions, mask = rows[order], tok[order], positions[order], mask[order]
                 logits = decode_step(model, tok, cache, mask[:, : S + step + 1], positions)
                 positions = positions + 1
     finally:
