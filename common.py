@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -393,6 +394,21 @@ def rank_rows(num_rows: int, update_size: int) -> list[int]:
     return [start + DP.rank * share + i for start in range(0, num_rows, update_size) for i in range(share)]
 
 
+def total(value):
+    """The sum of `value` over every process (one process: `value` itself)."""
+    return all_reduce_sum(value)
+
+
+def per_process(count: int) -> int:
+    """Each process's share of `count` prompts (one process: all of them)."""
+    return count // DP.world_size
+
+
+def shard(items: list, update_size: int) -> list:
+    """This process's share of a step's items (all of them in one process): `rank_rows` of the list."""
+    return [items[i] for i in rank_rows(len(items), update_size)]
+
+
 def rank_seed(seed: int) -> int:
     """Rank r's sampling seed: rank 0 (and one process) keeps `seed`; other ranks draw their own streams."""
     return seed + 1_000_003 * DP.rank
@@ -569,6 +585,23 @@ def save_atomically(save, folder: Path) -> None:
             shutil.rmtree(old)
         else:
             tmp.rename(folder)
+
+
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), the seconds it took)."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def save_model(model, tokenizer, folder: Path, more=None) -> None:
+    """Model and tokenizer (and whatever `more(tmp)` writes) to `folder`, atomically (`save_atomically`)."""
+    def save(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if more is not None:
+            more(tmp)
+    save_atomically(save, folder)
 
 
 def recover_folder(folder: Path) -> None:

@@ -18,7 +18,7 @@ Run:
     python sft_go.py --model meta-llama/Llama-3.2-1B --device cuda --dtype bfloat16 --data alpaca.jsonl \\
         --loss ce,go --grouping classifier --classifier microsoft/llmlingua-2-xlm-roberta-large-meetingbank \\
         --learning_rate 1e-5 --T 1000 --batch_size 64 --micro_batch_size 8    # one GPU, a hub model
-    torchrun --nproc_per_node 2 sft_go.py --model <model> --device cuda     # data parallel (README)
+    torchrun --nproc_per_node 2 sft_go.py --model <model> --device cuda     # data parallel (docs/scaling.md)
     python sft_go.py --help     # every flag with its default
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import random
 import re
 import sys
 import time
@@ -44,13 +43,16 @@ if __name__ == "__main__":       # Ctrl-C while torch and transformers load: exi
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import models  # noqa: E402
+import runs  # noqa: E402
 import tasks  # noqa: E402
 import uft  # noqa: E402
-from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,
-                    make_optimizer, micro_batches, optimizer_step, plot_panels, read_jsonl, rows_for_step,
-                    save_atomically, widen)  # noqa: E402
-from tasks import answer_pieces, as_sft_row, countdown_split, load_sft_rows
-from uft import DEFAULT_CACHE, Batch, load_model, make_batch, score, sft_update
+from common import (UserError, add_flags, append_jsonl, backward, check_offsets, highlighted_html,  # noqa: E402
+                    make_optimizer, micro_batches, optimizer_step, rows_for_step, widen)
+from models import DEFAULT_CACHE, load_model  # noqa: E402
+from runs import plot_losses, run_folders, summary_table, where_to_restart  # noqa: F401, E402
+from tasks import answer_pieces, as_sft_row, load_sft_rows  # noqa: E402
+from uft import Batch, make_batch, score, sft_update  # noqa: E402
 
 UNIMPORTANT, IMPORTANT, UNSUPERVISED = 0, 1, -1   # group ids of response tokens; prompt and padding: -1
 LOSSES, GROUPINGS = ("ce", "go", "rho1"), ("tfidf", "excess", "classifier", "random")
@@ -61,13 +63,10 @@ WORD = re.compile(r"\w+|[^\w\s]")   # a word: a run of letters/digits/_ or one p
 # --- Data: rows {prompt, response} from built-in countdown or files (tasks.load_sft_rows) --------
 
 def load_rows(args) -> tuple[list[dict], list[dict]]:
-    """(train, test) rows: a built-in split (countdown, kk), or --data (and --test_data) files."""
-    if args.data == "countdown":
-        train, test = countdown_split(args.num_train, args.num_test, args.seed, args.min_nums, args.max_nums)
-        return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
-    if args.data == "kk":
-        people = dict(min_people=args.min_people, max_people=args.max_people)
-        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
+    """(train, test) rows: uft's built-in split (countdown, kk) as prompt/response rows, or --data (and
+    --test_data) files."""
+    if args.data in tasks.GENERATED:
+        train, _, test = uft.load_rows(uft.argparse_copy(args, num_val=0))
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     rows = load_sft_rows(args.data)
     if args.test_data:
@@ -383,14 +382,6 @@ def reference_folder(args, model_path: str, enc: Encoded) -> Path:
     return Path(args.cache_dir) / f"sft_go-ref-{digest}"
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
-    """Model and tokenizer to `folder`, atomically (a kill never leaves half a model)."""
-    def save(tmp):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    save_atomically(save, folder)
-
-
 def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
     """The default reference: the base model after --ref_steps of plain SFT on the training rows (cached).
 
@@ -408,7 +399,7 @@ def build_reference(args, model, tokenizer, enc: Encoded) -> Path:
         sft_update(ref, batch_of(enc, index, tokenizer.pad_token_id, ref.device), len(tokenizer), optimizer,
                    micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm, step=step)
         scheduler.step()
-    save_model(ref, tokenizer, folder)
+    common.save_model(ref, tokenizer, folder)
     return folder
 
 
@@ -502,8 +493,7 @@ def micro_batch_backward(run: GoRun, index: list[int], batch: Batch, lam: float)
     tokens (go_reduce batch) or rows (per_sample). Returns (loss, and the whole batch's token losses,
     groups and mask (B, L), detached)."""
     a = run.args
-    # torchrun: each rank holds a share of the step's rows; its micro-batches are weighted by their share of
-    # every rank's tokens (rows), so the ranks act as micro-batches of one batch
+    # micro-batches are weighted by their share of every process's tokens (rows): processes act as micro-batches
     total_tokens, loss_sum, kept = common.all_reduce_sum(int(batch.target_mask.sum())), 0.0, []
     total_rows = common.all_reduce_sum(len(index))
     for part_index in micro_batches(len(index), a.micro_batch_size):
@@ -530,13 +520,12 @@ def train_step(run: GoRun) -> dict:
     per_sample weights micro-batches by rows. The optimizer step itself is uft's (`optimizer_step`)."""
     a = run.args
     index = rows_for_step(len(run.rows["train"]), a.batch_size, run.step, a.seed)
-    index = [index[i] for i in common.rank_rows(len(index), a.batch_size)]    # torchrun: this rank's rows
+    index = common.shard(index, a.batch_size)              # this process's rows (one process: all)
     batch = batch_of(run.enc["train"], index, run.tokenizer.pad_token_id, run.model.device)
     lam = (lambda_at(run.step, a.T, a.lam, a.lam_schedule) if a.loss == "go"
            else float(a.loss == "rho1"))                  # ce: 0 (plain SFT); rho1: 1
     run.model.train()
     loss_sum, losses, groups, mask = micro_batch_backward(run, index, batch, lam)
-    # torchrun: the logged statistics cover every rank's rows (one process: its own, unchanged)
     loss_sum = common.all_reduce_sum(loss_sum)
     losses, groups, mask = (common.cat_over_ranks(t, fill) for t, fill in
                             ((losses, 0.0), (groups, UNSUPERVISED), (mask, False)))
@@ -559,7 +548,7 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
     run.model.eval()
     sums, counts = torch.zeros(3), torch.zeros(3)          # unimportant, important, all
     test = run.rows["test"]
-    block = common.rank_block(len(test))                   # torchrun: this rank's rows (one process: all)
+    block = common.rank_block(len(test))                   # this process's rows (one process: all)
     for part_index in micro_batches(len(block), run.args.micro_batch_size):
         rows = (part_index + block.start).tolist()
         part = batch_of(run.enc["test"], rows, run.tokenizer.pad_token_id, run.model.device)
@@ -567,14 +556,14 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
         for g, member in enumerate([groups == UNIMPORTANT, groups == IMPORTANT, part.target_mask]):
             sums[g] += float(torch.where(member, losses, 0.0).sum())
             counts[g] += float(member.sum())
-    sums, counts = common.all_reduce_sum(sums), common.all_reduce_sum(counts)     # every rank's rows
+    sums, counts = common.all_reduce_sum(sums), common.all_reduce_sum(counts)     # every process's rows
     mean = (sums / counts.clamp(min=1)).tolist()
     metrics = {"eval_loss_unimportant": mean[0], "eval_loss_important": mean[1], "eval_ce": mean[2]}
     if all(has_reward(r) for r in test):                   # a task's rows (countdown, K&K): greedy answers
         m, _ = uft.evaluate(run.model, run.tokenizer, test, run.args.max_completion_length,
                             run.args.eval_batch_size, progress=progress)
         rewards = m.pop("rewards")
-        if common.is_main():                               # paired tests; torchrun: rank 0 writes
+        if common.is_main():                               # for paired tests
             append_jsonl(run.out / "eval_rewards.jsonl",
                          {"step": run.step, "split": "eval", "rewards": rewards})
         metrics.update({f"eval_{k}": v for k, v in m.items()})
@@ -604,21 +593,6 @@ def write_samples_html(run: GoRun, path: Path, num_samples: int = 6) -> Path:
     return path
 
 
-def plot_losses(out: Path) -> Path:
-    """losses.png: training and held-out loss of each group over steps, and held-out accuracy if measured."""
-    metrics = read_jsonl(out / "metrics.jsonl")
-
-    def per_group(prefix: str) -> list:
-        return [(key, [(m["step"], m[prefix + key]) for m in metrics if m.get(prefix + key) is not None],
-                 {"color": color, "lw": 1}) for key, color in
-                [("ce", "k"), ("loss_important", "tab:orange"), ("loss_unimportant", "tab:blue")]]
-    panels = [("training loss per group", per_group("")), ("held-out loss per group", per_group("eval_"))]
-    accuracy = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
-    if accuracy:
-        panels.append(("held-out accuracy", [("accuracy", accuracy, {"marker": "s", "color": "tab:green"})]))
-    return plot_panels(out / "losses.png", panels)
-
-
 def static_scores(args, tokenizer, rows: dict, enc: dict) -> dict | None:
     """Per-token scores of the static groupings for the train and test rows (TF-IDF: idf from train)."""
     grouping, _ = grouping_of(args)
@@ -632,29 +606,16 @@ def static_scores(args, tokenizer, rows: dict, enc: dict) -> dict | None:
         return {s: tfidf_scores(enc[s].responses, enc["train"].responses) for s in enc}
     if grouping == "tfidf":
         return {s: word_tfidf_scores(texts[s], enc[s].offsets, texts["train"]) for s in enc}
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-    try:
-        cls_tok = AutoTokenizer.from_pretrained(args.classifier, trust_remote_code=args.trust_remote_code)
-        classifier = AutoModelForTokenClassification.from_pretrained(args.classifier)
-    except OSError as err:
-        raise UserError(f"--classifier {args.classifier!r}: could not load a token-classification model "
-                        f"[{str(err).splitlines()[0][:160]}]") from None
-    check_offsets(cls_tok, f"--classifier {args.classifier}")
-    if not 0 <= args.classifier_label < classifier.config.num_labels:
-        raise UserError(f"--classifier_label {args.classifier_label}: the classifier has "
-                        f"{classifier.config.num_labels} labels ({classifier.config.id2label})")
+    classifier, cls_tok = models.load_token_classifier(args.classifier, args.classifier_label,
+                                                       args.trust_remote_code)
     return {s: classifier_scores(classifier, cls_tok, texts[s], enc[s].offsets, args.classifier_label)
             for s in enc}
 
 
 def setup(args, rows: dict) -> GoRun:
     """Load the model, encode the rows, score tokens, build the reference; a fresh run folder."""
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    with common.main_rank_first():           # torchrun: rank 0 builds and caches the built-in base first
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                                trust_remote_code=args.trust_remote_code)
-    common.broadcast_parameters(model)       # torchrun: every rank starts from rank 0's weights
+    model, tok = models.load_seeded(args)
+    common.broadcast_parameters(model)       # every process starts from process 0's weights
     grouping, _ = grouping_of(args)
     words = grouping == "classifier" or (grouping == "tfidf" and args.tfidf_unit == "word")
     if words:
@@ -662,14 +623,14 @@ def setup(args, rows: dict) -> GoRun:
     enc = {s: encode_rows(tok, rows[s], args.max_prompt_length, args.max_response_length, words)
            for s in rows}
     scores = static_scores(args, tok, rows, enc)
-    with common.main_rank_first():           # the cached reference: built once, by rank 0
+    with common.main_rank_first():           # the cached reference: built once
         ref = load_reference(args, model, tok, enc["train"]) if grouping == "excess" else None
     out = Path(args.output_dir)              # claimed by run_all (or a fresh one for a direct call)
-    if common.is_main():                     # torchrun: rank 0 alone writes the run folder
+    if common.is_main():                     # process 0 alone writes the run folder
         if getattr(args, "run_id", None) is None:
             args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False), guards.inputs(args),
                                                   resumable=False)
-        guards.write_config(out, vars(args))
+        runs.write_config(out, args)
     optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
                                           args.T, args.lr_scheduler)
     return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)
@@ -683,10 +644,9 @@ def train(args, rows: dict | None = None) -> dict:
         rows = dict(zip(("train", "test"), load_rows(args)))
     run = setup(args, rows)
     first = {"step": 0, **held_out(run, progress=True)}
-    main_rank = common.is_main()             # torchrun: every rank holds the same metrics; rank 0 writes
-    if main_rank:
+    if common.is_main():                     # every process holds the same metrics; process 0 writes
         append_jsonl(run.out / "metrics.jsonl", first)
-    bar = tqdm(range(1, args.T + 1), desc=run.out.name, disable=not main_rank)
+    bar = tqdm(range(1, args.T + 1), desc=run.out.name, disable=not common.is_main())
     for step in bar:
         run.step = step
         start = time.perf_counter()
@@ -696,19 +656,8 @@ def train(args, rows: dict | None = None) -> dict:
             raise common.RunFailed(f"{err}: stopped (try a lower --learning_rate)") from None
         metrics.update(step=step, lr=run.scheduler.get_last_lr()[0],
                        step_seconds=time.perf_counter() - start)
-        if step % args.eval_steps == 0 or step == args.T:
-            metrics.update(held_out(run))
-            if main_rank:
-                tqdm.write(f"step {step} | " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
-                                                          if k.startswith("eval_") and k != "eval_length"))
-        common.fault_point("step")
-        if main_rank:
-            append_jsonl(run.out / "metrics.jsonl", metrics)
-        bar.set_postfix(ce=f"{metrics['ce']:.3f}", worst=metrics["worst_group"],
-                        lam=f"{metrics['lam']:.2f}")
-        if (step % args.save_steps == 0 or step == args.T) and main_rank:
-            save_model(run.model, run.tokenizer, run.out / "checkpoint")
-    if main_rank:
+        runs.go_end_step(run, metrics, bar, held_out)   # evaluation, metrics.jsonl, progress, checkpoint
+    if common.is_main():
         plot_losses(run.out)
         write_samples_html(run, run.out / "samples.html", args.num_html_samples)
     return {"output_dir": str(run.out), "base": first, "worst_switches": run.switches,
@@ -748,10 +697,10 @@ FLAGS = {
         ("micro_batch_size", 64, "rows per forward pass (fewer than batch_size: accumulated)",
          {"range": "[1, inf)"}),
         ("learning_rate", 1e-3, "AdamW learning rate", {"range": "(0, inf)"}),
-        ("weight_decay", 0.01, "AdamW weight decay", {"range": "[0, inf)"}),
+        uft.flag("weight_decay"),
         ("lr_scheduler", "cosine", "after warm-up", {"choices": ["constant", "cosine"]}),
         ("warmup_ratio", 0.05, "fraction of T spent warming up", {"range": "[0, 1]"}),
-        ("max_grad_norm", 1.0, "gradient-norm clip", {"range": "(0, inf)"}),
+        uft.flag("max_grad_norm"),
     ],
     "data": [
         ("data", "countdown", "'countdown', 'kk' or a .jsonl/.json/.parquet file: prompt/response, "
@@ -762,8 +711,8 @@ FLAGS = {
         ("num_test", 200, "held-out rows", {"range": "[1, inf)"}),
         ("min_nums", 3, "built-in countdown: fewest numbers per problem", {"range": "[3, 4]"}),
         ("max_nums", 3, "built-in countdown: most numbers per problem", {"range": "[3, 4]"}),
-        ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (the paper: 3-7)", {"range": "[2, 8]"}),
-        ("max_people", 3, "built-in K&K: most inhabitants per puzzle", {"range": "[2, 8]"}),
+        uft.flag("min_people"),
+        uft.flag("max_people"),
         ("max_prompt_length", 512, "prompt tokens kept (the last ones)", {"range": "[1, inf)"}),
         ("max_response_length", 512, "response tokens kept (the first ones)", {"range": "[1, inf)"}),
     ],
@@ -772,7 +721,7 @@ FLAGS = {
         ("overwrite", False, "replace the run(s) that --output_dir holds (otherwise refused)",
          {"action": "store_true"}),
         ("eval_steps", 100, "held-out evaluation every this many steps", {"range": "[1, inf)"}),
-        ("eval_batch_size", 256, "prompts per greedy generation batch", {"range": "[1, inf)"}),
+        uft.flag("eval_batch_size"),
         ("max_completion_length", None, "new tokens per greedy answer (default 96; --data kk: 128)",
          {"type": int, "range": "[1, inf)"}),
         ("save_steps", 1000, "checkpoint every this many steps (and at the end)", {"range": "[1, inf)"}),
@@ -805,14 +754,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--loss {args.loss!r}: choose a comma-separated list of {', '.join(LOSSES)}")
     if args.grouping == "classifier" and not args.classifier and set(args.losses) != {"rho1"}:
         p.error("--grouping classifier needs --classifier <token-classification model>")
-    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
-        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
-                f"{args.max_nums}, {args.min_people}, {args.max_people})")
-    for name in ("data", "test_data"):
-        value = getattr(args, name)
-        if value and value not in tasks.GENERATED and not Path(value).is_file():
-            where = " (and not 'countdown' or 'kk')" if name == "data" else ""
-            p.error(f"--{name} {value!r}: no such file{where}")
+    uft.check_data_flags(p, args)
     if args.output_dir is None:
         args.output_dir = guards.default_output_dir("sft_go")
 
@@ -823,33 +765,6 @@ def parse_args(argv=None):
     guards.refuse_empty_values(p, args)           # --output_dir '' or UFT_CACHE='' would mean "here"
     check_args(p, args)
     return args
-
-
-def summary_table(results: dict) -> str:
-    """One line per run: held-out accuracy (countdown), token-mean loss overall and per group, how often
-    the worst training group flipped, minutes."""
-    lines = [f"{'run':<12}{'accuracy':>10}{'CE':>8}{'L_important':>13}{'L_unimportant':>15}{'flips':>7}"
-             f"{'minutes':>9}"]
-    for name, r in results.items():
-        acc = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "-"
-        lines.append(f"{name:<12}{acc:>10}{r['eval_ce']:>8.3f}{r['eval_loss_important']:>13.3f}"
-                     f"{r['eval_loss_unimportant']:>15.3f}{r.get('worst_switches', '-'):>7}"
-                     f"{r['minutes']:>9.1f}")
-    return "\n".join(lines)
-
-
-def run_folders(args) -> dict[str, str]:
-    """Run name -> its folder: --output_dir itself for one loss, a sub-folder per loss for several."""
-    names = [loss if loss in ("ce", "rho1") else f"go-{args.grouping}" for loss in args.losses]
-    return {name: args.output_dir if len(names) == 1 else str(Path(args.output_dir) / name) for name in names}
-
-
-def where_to_restart(args) -> str:
-    """What a run that stops early prints last (sft_go.py does not resume: a run starts again)."""
-    saved = [str(Path(f) / "checkpoint") for f in run_folders(args).values()
-             if (Path(f) / "checkpoint").exists()]
-    kept = f"the last saved model is in {saved[-1]}; " if saved else ""
-    return f"{kept}sft_go.py does not resume a run: run the same command with --overwrite to start again"
 
 
 def check_world(args) -> None:
@@ -874,13 +789,7 @@ def run_all(args) -> int:
     check_world(args)
     rows = dict(zip(("train", "test"), load_rows(args)))          # bad rows are found before any model loads
     folders = run_folders(args)
-    ids = dict.fromkeys(folders)
-    if common.is_main():                                          # torchrun: rank 0 alone owns the folders
-        reads = guards.inputs(args)                               # --overwrite never deletes these
-        if len(folders) > 1:                                      # the parent holds summary.txt
-            common.claim_run_folder(args.output_dir, args.overwrite, reads, resumable=False)
-        ids = {name: common.claim_run_folder(folder, args.overwrite, reads, resumable=False)
-               for name, folder in folders.items()}
+    ids = runs.claim_go_folders(args, folders)                    # checked before any model loads
     results = {}
     for loss, (name, folder) in zip(args.losses, folders.items()):
         run_args = argparse.Namespace(**{**vars(args), "loss": loss, "output_dir": folder,

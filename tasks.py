@@ -1,13 +1,18 @@
-"""Tasks for uft.py and sft_go.py in the released schema: prompts, generators, solvers, loaders, rewards.
+"""Tasks for uft.py and sft_go.py in the released schema: the task interface, reading data, and per task its
+prompt, generator, solver, row check and reward.
 
-The paper's three tasks: countdown (generated, solved, rewarded by exact arithmetic), Knights and Knaves
-(generated puzzles with one solution, a brute-force solver, the released deduction trace), and MATH (files
-of the released schema, the standard answer normalisation). A row is a dict with the released columns:
-`question` (raw prompt text), `hint` (the reference solution as a list of fragments, one per reasoning step),
-`answer` (the full target: fragments + `</think>` + the answer tag), plus what the task's reward needs
-(countdown: `nums`, `target`; K&K: `ground_truth`; MATH: `target`). A `Task` bundles what the trainer uses:
-its reward, its row check for files, and its generator of (train, test) rows; `task_of` picks a row's task
-from its `data_source`.
+Read from the top: `Task`, `TASKS` and `reward` say what a task is and which one scores a row; then where the
+released scorers find an answer; then how data is read (files, `save_to_disk` folders and Hub datasets, all
+through `datasets`) and checked; then the tasks: countdown (generated, solved, rewarded by exact arithmetic),
+Knights and Knaves (generated puzzles with one solution, a brute-force solver, the released deduction trace),
+MATH (the standard answer normalisation), the numeric answers of GSM8K / AIME / AMC, the search tree of the
+paper's theorem, and supervised {prompt, response} rows for sft_go.py.
+
+A row is a dict with the released columns: `question` (raw prompt text), `hint` (the reference solution as a
+list of fragments, one per reasoning step), `answer` (the full target: fragments + `</think>` + the answer
+tag), plus what the task's reward needs (countdown: `nums`, `target`; K&K: `ground_truth`; MATH and numeric:
+`target`). Every reward has the released three levels: 1.0 right, 0.1 an answer was extracted but is wrong,
+0.0 none was; docs/method.md lists each scorer's rule in words.
 
     >>> row = generate_countdown(1, seed=0, min_nums=3, max_nums=3)[0]
     >>> TASKS["countdown"].reward(row, row["question"] + row["answer"])
@@ -22,6 +27,7 @@ import ast
 import dataclasses
 import itertools
 import json
+import math
 import operator
 import random
 import re
@@ -34,7 +40,484 @@ from typing import Callable
 from common import UserError
 
 # ----------------------------------------------------------------------------------------------------------
-# Countdown: the released prompt, a solver, a generator, a loader, the released three-level reward
+# The task interface: what a task gives the trainer, which task scores a row, the reward of a row
+# ----------------------------------------------------------------------------------------------------------
+
+REWARD_CORRECT, REWARD_WRONG, REWARD_NONE = 1.0, 0.1, 0.0  # released: right / extracted but wrong / none
+
+
+# The released mapping from a row's data_source to its scorer (released names first; the project's own
+# aliases after them). Countdown and K&K also take any data_source that contains their name, as released.
+COUNTDOWN_SOURCE = "countdown"
+KK_SOURCE = "kk_logic"
+MATH_SOURCES = ("DigitalLearningGmbH/MATH-lighteval", "math500", "minerva", "olympiad_bench", "cais/hle",
+                "lighteval/MATH", "math")
+NUMERIC_SOURCES = ("openai/gsm8k", "aime", "amc")   # a number compared within 1e-5
+TREE_SOURCE = "tree"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What training and evaluation need from a task."""
+    name: str
+    reward: Callable[[dict, str], float]              # (row, prompt + completion) -> 1.0 / 0.1 / 0.0
+    check_row: Callable[[dict, int, str], dict]       # file row -> checked fields; ValueError names it
+    split: Callable[..., tuple[list, list]]           # (num_train, num_test, seed, ...) -> generated rows
+    sources: tuple[str, ...] = ()                     # the data_source values of its rows
+    sample_fields: tuple[str, ...] = ()               # row fields written beside evaluation samples
+
+
+# The functions named here are defined further down; a lambda looks each one up when it is called.
+TASKS = {
+    "countdown": Task("countdown",
+                      reward=lambda row, text: countdown_reward(text, row["nums"], row["target"]),
+                      check_row=lambda row, i, where: validate_countdown_row(row, i, where),
+                      split=lambda *args, **kw: countdown_split(*args, **kw),
+                      sources=(COUNTDOWN_SOURCE,), sample_fields=("nums", "target")),
+    "kk": Task("kk",
+               reward=lambda row, text: kk_reward(text, row["ground_truth"]),
+               check_row=lambda row, i, where: validate_kk_row(row, i, where),
+               split=lambda *args, **kw: kk_split(*args, **kw),
+               sources=(KK_SOURCE, "kk"), sample_fields=("data_source", "ground_truth")),
+    "math": Task("math",
+                 reward=lambda row, text: math_reward(text, row["target"]),
+                 check_row=lambda row, i, where: validate_math_row(row, i, where),
+                 split=lambda *args, **kw: no_generator("math"),
+                 sources=MATH_SOURCES, sample_fields=("data_source", "target", "level")),
+    "numeric": Task("numeric",
+                    reward=lambda row, text: numeric_reward(text, row["target"]),
+                    check_row=lambda row, i, where: validate_numeric_row(row, i, where),
+                    split=lambda *args, **kw: no_generator("numeric"),
+                    sources=NUMERIC_SOURCES, sample_fields=("data_source", "target")),
+    "tree": Task("tree",
+                 reward=lambda row, text: tree_reward(text, row["ground_truth"]),
+                 check_row=lambda row, i, where: validate_tree_row(row, i, where),
+                 split=lambda *args, **kw: tree_split(*args, **kw),
+                 sources=(TREE_SOURCE,), sample_fields=("data_source", "ground_truth")),
+}
+
+
+GENERATED = ("countdown", "kk", "tree")  # --data values that generate rows instead of reading a file
+
+
+def no_generator(task: str):
+    raise UserError(f"the {task} task has no built-in generator: pass --data <file, folder or Hub dataset> "
+                    "(e.g. the released MATH parquet)")
+
+
+def task_of(row: dict, default: str = "countdown") -> str | None:
+    """The task that scores a row: by its data_source as released (an exact source name, or one containing
+    'countdown' or 'kk_logic'), or a task's own name; `default` when it has none; None for a source no task
+    scores.
+
+    >>> [task_of({"data_source": s}) for s in ("openai/gsm8k", "math500", "countdown-3to4", "x")], task_of({})
+    (['numeric', 'math', 'countdown', None], 'countdown')
+    """
+    source = row.get("data_source")
+    if not source:
+        return default
+    exact = next((name for name, t in TASKS.items() if source == name or source in t.sources), None)
+    if exact is not None:
+        return exact
+    return next((name for name, part in (("countdown", COUNTDOWN_SOURCE), ("kk", KK_SOURCE))
+                 if isinstance(source, str) and part in source), None)
+
+
+def row_source(row: dict, default: str = "countdown") -> str:
+    """What per-source accuracy groups a row by: its data_source, else the name of its task."""
+    return row.get("data_source") or default
+
+
+def accuracy_by_source(rows: list[dict], rewards: list[float]) -> dict[str, float]:
+    """Fraction of rewards exactly 1.0 among each source's rows (row_source), sources in order of appearance.
+
+    >>> rows = [{"data_source": "a"}, {"data_source": "b"}, {}, {"data_source": "a"}]
+    >>> accuracy_by_source(rows, [1, 0.1, 1, 0])
+    {'a': 0.5, 'b': 0.0, 'countdown': 1.0}
+    """
+    hits: dict[str, list[bool]] = {}
+    for row, r in zip(rows, rewards):
+        hits.setdefault(row_source(row), []).append(r == REWARD_CORRECT)
+    return {source: sum(h) / len(h) for source, h in hits.items()}
+
+
+def reward(row: dict, text: str, task: str = "countdown") -> float:
+    """The reward of prompt + completion `text` under the row's task (task_of; an unknown source: `task`)."""
+    return TASKS[task_of(row, task) or task].reward(row, text)
+
+
+def answer_pieces(row: dict, key: str = "answer") -> list[str]:
+    """Pieces a row's answer is tokenised in: each hint fragment, then the tail (`</think>`, the answer).
+
+    A hint is tokenised on its own when it joins the prompt; tokenising the SFT target piece by piece keeps
+    SFT, hinted prompts and the hint NLL on the same token boundaries (BPE merges may cross fragments).
+    An answer that does not start with its fragments is one piece.
+    >>> answer_pieces({"answer": "1 + 2 = 3\\nSo 3 </think>", "hint": ["1 + 2 = 3\\n", "So 3"]})
+    ['1 + 2 = 3\\n', 'So 3', ' </think>']
+    """
+    hint, answer = row.get("hint"), row[key]
+    if isinstance(hint, list) and hint and answer.startswith("".join(hint)):
+        return list(hint) + [answer[len("".join(hint)):]]
+    return [answer]
+
+
+def answer_token_ids(row: dict, encode) -> list[int]:
+    """Token ids of the answer, piece by piece (`answer_pieces`): every hint's tokens are a prefix of them."""
+    return [t for piece in answer_pieces(row) for t in encode(piece)]
+
+
+# --- where the answer is: the released extraction, shared by the countdown, K&K, MATH and numeric scorers ----
+
+ASSISTANT_MARKERS = ("Assistant:", "<|im_start|>assistant")  # the first one the text contains opens the answer
+
+
+def assistant_part(text) -> str | None:
+    """Everything after the first "Assistant:"; in a text without one, everything after the first
+    "<|im_start|>assistant" (chat-template prompts); None when neither is there (then no answer: 0.0).
+
+    >>> assistant_part("User: 2 + 2? Assistant: <answer> 4 </answer>"), assistant_part("<|im_start|>assistant\\n4")
+    (' <answer> 4 </answer>', '\\n4')
+    """
+    if not isinstance(text, str):
+        return None
+    for marker in ASSISTANT_MARKERS:
+        start = text.find(marker)
+        if start >= 0:
+            return text[start + len(marker):]
+    return None
+
+
+def last_answer_tag(text: str) -> str | None:
+    """The last block of re.finditer(r"<answer>(.*?)</answer>", text, re.DOTALL), stripped; None if there is
+    none. The blocks are lazy and do not overlap, scanned left to right: a stray <answer> starts a block that
+    runs to the first </answer> after it. Linear time: an unclosed <answer> ends the scan (no later one can
+    close either).
+
+    >>> last_answer_tag("<answer> a <answer> b </answer> c </answer> <answer>")
+    'a <answer> b'
+    """
+    found, pos = None, 0
+    while (opened := text.find("<answer>", pos)) >= 0:
+        closed = text.find("</answer>", opened + len("<answer>"))
+        if closed < 0:
+            break
+        found, pos = text[opened + len("<answer>"):closed], closed + len("</answer>")
+    return None if found is None else found.strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The released extraction of countdown, MATH and the numeric sources: in the assistant part (see
+    assistant_part), the last line, the last <answer>...</answer> block on it, stripped; None if absent. So an
+    answer followed by a newline is not extracted, as in the released scorers.
+
+    >>> extract_answer("Assistant: Let me solve this.\\n<think> 3 * 4 = 12 </think>"
+    ...                "\\n<answer> 3 * 4 </answer>")
+    '3 * 4'
+    """
+    part = assistant_part(text)
+    return None if part is None else last_answer_tag(part[part.rfind("\n") + 1:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading data through `datasets`: files, save_to_disk folders, Hub datasets; row checks shared by the tasks
+# ----------------------------------------------------------------------------------------------------------
+
+DATA_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}  # suffix -> builder
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name (no nested quantifier: linear)
+
+
+MIXED_COLUMN = re.compile(r"Column\(([^)]*)\) changed from (\w+) to (\w+) in row ([0-9]+)")  # pyarrow's message
+
+
+CSV_STRUCTURED = ("hint", "nums", "reward_model", "ground_truth", "extra_info", "conversations")  # CSV: as text
+
+
+def data_location(value: str) -> str:
+    """How a --data / --test_data value is read: 'file' (an existing .parquet, .json, .jsonl or .csv file),
+    'folder' (a save_to_disk folder, or a folder of data files) or 'hub' (an owner/name id that is no local
+    path). A missing file or folder is a FileNotFoundError, a file of another kind a ValueError.
+
+    >>> data_location("openai/gsm8k")
+    'hub'
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() in DATA_FORMATS:
+        if path.is_file():
+            return "file"
+        raise FileNotFoundError(f"no such data file: {value}")
+    if path.exists():
+        raise ValueError(f"{value}: unknown data format; give a .parquet, .json, .jsonl or .csv file, a "
+                         f"save_to_disk folder, a Hub dataset id (owner/name), or one of {', '.join(GENERATED)}")
+    if HUB_ID.fullmatch(value):
+        return "hub"
+    raise FileNotFoundError(f"no such data file or folder: {value} (a Hub dataset id reads owner/name)")
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """A column mapping 'ours=theirs,...' (the project's field = the dataset's column) as a dict.
+
+    >>> parse_columns("nums=numbers, target=answer")
+    {'nums': 'numbers', 'target': 'answer'}
+    """
+    mapping = {}
+    for pair in (text or "").split(","):
+        ours, sep, theirs = (part.strip() for part in pair.partition("="))
+        if not pair.strip():
+            continue
+        if not sep or not ours or not theirs or ours in mapping:
+            raise ValueError(f"column mapping {text!r}: give ours=theirs pairs, comma-separated, each field "
+                             "once, e.g. nums=numbers,target=answer")
+        mapping[ours] = theirs
+    return mapping
+
+
+def _first_line(err: BaseException) -> str:
+    """'Type: message' of the innermost cause (datasets wraps the reader's own error), first line only."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
+def _load_records(value: str, where: str, split: str) -> list[dict]:
+    """The rows, as dicts, of the `datasets` Dataset behind a value (see data_location). Local files are loaded
+    with a throw-away cache (a rewritten file is never served stale, and nothing piles up); a Hub dataset uses
+    the usual cache. A JSON column must have one type in every row (datasets would otherwise re-read a mixed
+    one as JSON text and turn the string "98" into the number 98)."""
+    import tempfile
+
+    import datasets
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # its error logs: read_records says it in one line
+    datasets.disable_progress_bars()                             # a file of rows reads in a blink
+    if where == "hub":
+        return datasets.load_dataset(value, split=split).to_list()
+    path = Path(value).expanduser()
+    if where == "folder" and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"no split {split!r} in this DatasetDict (splits: {', '.join(loaded)}); "
+                                 "choose one with --data_split / --test_split")
+            return loaded[split].to_list()
+        return loaded.to_list()
+    with tempfile.TemporaryDirectory() as cache:
+        if where == "folder":
+            return datasets.load_dataset(str(path), split=split, cache_dir=cache, keep_in_memory=True).to_list()
+        builder = DATA_FORMATS[path.suffix.lower()]
+        extra = {"on_mixed_types": None} if builder == "json" else {}
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                     keep_in_memory=True, **extra).to_list()
+
+
+def check_json_file(path: Path) -> None:
+    """Refuse, in one line naming the file and line, a .json/.jsonl file that is not UTF-8 or does not hold
+    JSON objects (JSONL: one per line, no blank line; .json: a list of them). This runs before `datasets`
+    reads the file: pyarrow's JSON reader crashes the process (segmentation fault) on a first line `null`."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {e.start})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: a .json file must hold a list of row objects, not a "
+                             f"{type(value).__name__}")
+        kinds = [(i, type(v).__name__) for i, v in enumerate(value) if not isinstance(v, dict)]
+        if kinds:
+            raise ValueError(f"{path}: row {kinds[0][0]} (counting from 0) is a JSON {kinds[0][1]}, not an object")
+        return
+    lines = text.split("\n")
+    for number, line in enumerate(lines[:-1] if text.endswith("\n") else lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}: line {number} is blank (JSONL: one JSON object per line)")
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object")
+
+
+def _csv_cell(value):
+    """A CSV cell that holds a list or an object (CSV has no such type) decoded from JSON text or a Python
+    literal: '["a", "b"]' -> ['a', 'b']; anything else stays as it is (the row check then names the field)."""
+    if not isinstance(value, str) or not value.lstrip().startswith(("[", "{")) or len(value) > 1_000_000:
+        return value
+    for decode in (json.loads, ast.literal_eval):   # literal_eval: Python literals only, never code
+        try:
+            return decode(value)
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+            continue
+    return value
+
+
+def read_records(value: str, split: str = "train", columns: dict[str, str] | None = None) -> list[dict]:
+    """The rows of a .parquet/.json/.jsonl/.csv file, a save_to_disk folder or a Hub dataset (its `split`),
+    read by `datasets`, as dicts; `columns` renames dataset columns to the project's fields (ours -> theirs).
+    A source that cannot be read is one ValueError line naming it (a missing file: FileNotFoundError)."""
+    where = data_location(value)
+    if where == "file" and DATA_FORMATS[Path(value).suffix.lower()] == "json":
+        check_json_file(Path(value))
+    try:
+        records = _load_records(value, where, split)
+    except ConnectionError as err:   # datasets' offline and unreachable-Hub errors
+        import os
+        offline = " (HF_HUB_OFFLINE=1: only datasets already in the cache load)" \
+            if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        raise ValueError(f"{value}: could not load the Hub dataset{offline} [{_first_line(err)}]") from None
+    except Exception as err:  # datasets and pyarrow raise many types for a broken source; one clear line
+        kind = DATA_FORMATS.get(Path(value).suffix.lower(), "a dataset") if where == "file" else where
+        why = _first_line(err)
+        if "corresponds to no data" in why:                    # datasets' words for a file without rows
+            raise ValueError(f"{value}: no rows") from None
+        if (mixed := MIXED_COLUMN.search(why)) is not None:   # pyarrow's words for a column of two types
+            column, old, new, row = mixed.groups()
+            raise _row_error(value, int(row), column.strip("/"), f"changed from {old} to {new} (every row "
+                             "must give a column the same type)") from None
+        raise ValueError(f"{value}: could not be read as {kind} [{why}]") from None
+    if where == "file" and DATA_FORMATS[Path(value).suffix.lower()] == "csv":
+        records = [{k: _csv_cell(v) if k in CSV_STRUCTURED else v for k, v in r.items()} for r in records]
+    if not records:
+        raise ValueError(f"{value}: no rows")
+    return [_renamed(r, columns, value) for r in records] if columns else records
+
+
+def _renamed(record: dict, columns: dict[str, str], value: str) -> dict:
+    """A record with the dataset's columns under the project's names (see read_records)."""
+    missing = [theirs for theirs in columns.values() if theirs not in record]
+    if missing:
+        raise ValueError(f"{value}: no column {missing[0]!r} (column mapping {columns}; columns: "
+                         f"{', '.join(sorted(record))})")
+    kept = {k: v for k, v in record.items() if k not in columns.values()}
+    return {**kept, **{ours: record[theirs] for ours, theirs in columns.items()}}
+
+
+def _row_error(source: str, index: int, field: str, why: str) -> ValueError:
+    return ValueError(f"{source}: row {index} (counting from 0): field '{field}' {why}")
+
+
+def _missing(x) -> bool:
+    """None, or NaN: how a column a row does not use reads back from a mixed parquet or CSV file."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _as_int(x) -> int | None:
+    """int for ints and numpy integers; None for anything else: bools, strings and floats too."""
+    if isinstance(x, (bool, float, str, bytes)):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _as_whole(x) -> int | None:
+    """_as_int, and also a float that is a whole number: 24.0 -> 24 (a file that mixes sources stores the
+    countdown target column as floats, NaN in the other rows); 24.5, NaN, '24' -> None."""
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer():
+        return int(x)
+    return _as_int(x)
+
+
+def _as_list(x) -> list | None:
+    """A Python list from a list, tuple or numpy array; else None."""
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (str, bytes)) else None
+
+
+def _text_fields(row: dict, index: int, source: str) -> dict:
+    """question, hint (non-empty list of strings) and answer of a row, checked (every task has them)."""
+    for field in ("question", "hint", "answer"):
+        if _missing(row.get(field)):
+            raise _row_error(source, index, field, "is missing")
+    for field in ("question", "answer"):
+        if not isinstance(row[field], str):
+            raise _row_error(source, index, field, f"must be a string, got {type(row[field]).__name__}")
+    hint = _as_list(row["hint"])
+    if not hint or not all(isinstance(h, str) for h in hint):
+        raise _row_error(source, index, "hint", "must be a non-empty list of strings")
+    return {"question": row["question"], "hint": hint, "answer": row["answer"]}
+
+
+def _ground_truth(row: dict, index: int, source: str):
+    """A row's ground truth: its `ground_truth` column, or the released `reward_model.ground_truth`."""
+    holder = None if _missing(row.get("reward_model")) else row["reward_model"]
+    if holder is not None and not isinstance(holder, dict):
+        raise _row_error(source, index, "reward_model", f"must be an object, got {type(holder).__name__}")
+    own = row.get("ground_truth")
+    return own if not _missing(own) else (holder or {}).get("ground_truth")
+
+
+def _truth_field(row: dict, index: int, source: str, name: str, top_first: bool = False):
+    """A value the reward needs: reward_model.ground_truth[name] (the released place) or the row's own column
+    `name` (top_first: that one first); None when neither holds one."""
+    truth = _ground_truth(row, index, source)
+    places = [truth.get(name) if isinstance(truth, dict) else None, row.get(name)]
+    return next((v for v in (places[::-1] if top_first else places) if not _missing(v)), None)
+
+
+def check_rows(records: list[dict], source: str, task: str = "countdown",
+               math_levels: set[int] | None = None) -> list[dict]:
+    """Each record checked by its own task (task_of: its data_source, else `task`); sources without a task
+    are skipped with one line each on stderr, and so are MATH rows outside math_levels (when given)."""
+    rows, skipped, off_level = [], {}, 0
+    for i, record in enumerate(records):
+        if not isinstance(record.get("data_source") or "", str):
+            raise _row_error(source, i, "data_source", f"must be a string, got {record['data_source']!r}")
+        name = task_of(record, task)
+        if name is None:
+            skipped[record.get("data_source")] = skipped.get(record.get("data_source"), 0) + 1
+            continue
+        row = TASKS[name].check_row(record, i, source)
+        if name == "math" and math_levels and row["level"] not in math_levels:
+            off_level += 1
+            continue
+        rows.append(row)
+    for data_source, count in skipped.items():
+        print(f"{source}: {count} rows of data_source {data_source!r} skipped: no reward for it here "
+              f"(tasks: {', '.join(TASKS)})", file=sys.stderr)
+    if off_level:
+        print(f"{source}: {off_level} MATH rows outside --math_levels {sorted(math_levels)} skipped",
+              file=sys.stderr)
+    return rows
+
+
+def load_task_rows(path_or_name: str, split: str = "train", num_train: int = 10_240, num_test: int = 1_024,
+                   seed: int = 0, task: str = "countdown", math_levels: set[int] | None = None,
+                   columns: dict[str, str] | None = None) -> list[dict]:
+    """Rows of the released schema: generated ('countdown', 'kk', 'tree') or read (read_records: a file, a
+    save_to_disk folder, a Hub dataset; `split` picks the split of a folder or Hub dataset).
+
+    num_train, num_test, seed: generated rows only. A source's rows are checked by their own task (see
+    check_rows); extra columns are dropped. A source without a single row that can be scored is a ValueError.
+
+    >>> load_task_rows("countdown_test.parquet")[0]["nums"]   # a released file   # doctest: +SKIP
+    [47, 76, 55, 60]
+    """
+    if str(path_or_name) in GENERATED:
+        train, test = TASKS[str(path_or_name)].split(num_train, num_test, seed)
+        return {"train": train, "test": test}[split]
+    records = read_records(str(path_or_name), split, columns)
+    rows = check_rows(records, str(path_or_name), task, math_levels)
+    if not rows:
+        sources = sorted({str(r.get("data_source")) for r in records if task_of(r, task) is None})
+        why = (f"data_source {', '.join(map(repr, sources))} has no reward here (tasks score "
+               f"{', '.join(s for t in TASKS.values() for s in t.sources)})" if sources
+               else f"no MATH row has a level in --math_levels {sorted(math_levels or ())}")
+        raise ValueError(f"{path_or_name}: none of its {len(records)} rows can be scored: {why}")
+    return rows
+
+# ----------------------------------------------------------------------------------------------------------
+# Countdown: the released prompt, a solver, a generator, the row check, the released three-level reward
 # ----------------------------------------------------------------------------------------------------------
 
 CONVERSATION = (  # how every released prompt begins: raw text for base models, no chat template
@@ -69,9 +552,6 @@ HELDOUT_BUCKETS = 10  # 1 problem in 10 (stable hash of nums + target) may only 
 ROW_FIELDS = ("question", "hint", "answer", "nums", "target")  # the released columns the project uses
 
 
-REWARD_CORRECT, REWARD_WRONG, REWARD_NONE = 1.0, 0.1, 0.0  # released: right / extracted but wrong / none
-
-
 MAX_ANSWER_CHARS = 1_000  # a longer extracted answer scores 0.1 unparsed (bounds the reward's time)
 
 
@@ -96,7 +576,6 @@ def countdown_question(nums: list[int], target: int) -> str:
 def countdown_key(nums: list[int], target: int) -> tuple[tuple[int, ...], int]:
     """Identity of a problem: the order of the numbers does not make a new problem."""
     return tuple(sorted(int(x) for x in nums)), int(target)
-
 
 
 # --- solver: combine two numbers at a time; every intermediate result is a non-negative integer ------
@@ -182,7 +661,6 @@ def reachable_targets(nums: list[int]) -> list[int]:
     return sorted(v for v in _reachable(tuple(int(x) for x in nums)) if low <= v <= high)
 
 
-
 # --- rows, generation, splits ----------------------------------------------------------------------
 
 def make_countdown_row(nums: list[int], target: int, fragments: list[str]) -> dict:
@@ -254,177 +732,33 @@ def countdown_validation(num_val: int, num_test: int, seed: int, min_nums: int =
     return generate_countdown(num_test + num_val, seed, min_nums, max_nums, heldout=True)[num_test:]
 
 
-
-# --- loading files of the released schema --------------------------------------------------------
-
-def _as_int(x) -> int | None:
-    """int for ints and numpy integers; None for anything else: bools, strings and floats too (98.0 in a
-    countdown row means a broken column, not a target)."""
-    if isinstance(x, (bool, float, str, bytes)):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
-
-
-def _as_list(x) -> list | None:
-    """A Python list from a list, tuple or numpy array (parquet read by pandas gives arrays); else None."""
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (str, bytes)) else None
-
-
-def _row_error(source: str, index: int, field: str, why: str) -> ValueError:
-    return ValueError(f"{source}: row {index} (counting from 0): field '{field}' {why}")
-
-
-def _text_fields(row: dict, index: int, source: str) -> dict:
-    """question, hint (non-empty list of strings) and answer of a row, checked (every task has them)."""
-    for field in ("question", "hint", "answer"):
-        if row.get(field) is None:
-            raise _row_error(source, index, field, "is missing")
-    for field in ("question", "answer"):
-        if not isinstance(row[field], str):
-            raise _row_error(source, index, field, f"must be a string, got {type(row[field]).__name__}")
-    hint = _as_list(row["hint"])
-    if not hint or not all(isinstance(h, str) for h in hint):
-        raise _row_error(source, index, "hint", "must be a non-empty list of strings")
-    return {"question": row["question"], "hint": hint, "answer": row["answer"]}
-
-
-def _ground_truth(row: dict, index: int, source: str):
-    """A row's ground truth: its `ground_truth` column, or the released `reward_model.ground_truth`."""
-    holder = row.get("reward_model")
-    if holder is not None and not isinstance(holder, dict):
-        raise _row_error(source, index, "reward_model", f"must be an object, got {type(holder).__name__}")
-    return row.get("ground_truth") or (holder or {}).get("ground_truth")
-
-
-def validate_task_row(row: dict, index: int, source: str) -> dict:
-    """The five fields of one countdown row, checked and converted; a ValueError names the source, row and
-    field."""
-    for field in ROW_FIELDS[3:]:
-        if row.get(field) is None:
+def validate_countdown_row(row: dict, index: int, source: str) -> dict:
+    """question, hint, answer, nums and target of one countdown row, checked and converted; a ValueError names
+    the source, row and field. nums and target are the row's own columns, else the released
+    reward_model.ground_truth `numbers` and `target`. A whole float target (24.0, as a file that mixes
+    sources stores it) is read as an int. No number may be negative: the released scorer reads an answer's
+    numbers without their signs, so a row with one could never score 1.0. Whole floats in nums are read as
+    ints too: a list column with one float in any row reads back as floats in every row."""
+    truth = _ground_truth(row, index, source)
+    truth = truth if isinstance(truth, dict) else {}
+    values = {field: row.get(field) if not _missing(row.get(field)) else truth.get(alias)
+              for field, alias in (("nums", "numbers"), ("target", "target"))}
+    for field, value in values.items():
+        if _missing(value):
             raise _row_error(source, index, field, "is missing")
     out = _text_fields(row, index, source)
-    nums = [_as_int(x) for x in _as_list(row["nums"]) or []]
+    nums = [_as_whole(x) for x in _as_list(values["nums"]) or []]
     if not nums or None in nums:
         raise _row_error(source, index, "nums", "must be a non-empty list of integers")
-    target = _as_int(row["target"])
+    if min(nums) < 0:
+        raise _row_error(source, index, "nums", f"must not hold a negative number (the released scorer reads "
+                                                f"an answer's numbers without signs), got {nums}")
+    target = _as_whole(values["target"])
     if target is None:
-        raise _row_error(source, index, "target", f"must be an integer, got {row['target']!r}")
+        raise _row_error(source, index, "target", f"must be an integer, got {values['target']!r}")
     return {**out, "nums": nums, "target": target}
 
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a .parquet, .jsonl or .json file, each a dict; a ValueError names the file (and the line
-    of a JSONL file) that cannot be read: not UTF-8, a blank or non-JSON line, a non-object record, no rows.
-
-    JSON is read row by row, not by datasets: rows of different tasks have different column types."""
-    path = Path(path)
-    kind = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json"}.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: unknown data format; "
-                         "give a .parquet, .jsonl or .json file, or 'countdown' or 'kk'")
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    if kind == "parquet":
-        try:
-            import pyarrow.parquet            # imported here: it costs time at `import uft`
-            records = pyarrow.parquet.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises many types for a corrupt file; one clear message
-            raise ValueError(f"{path}: could not be read as parquet [{type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0][:160]}]") from None
-    else:
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {e.start})") from None
-        records = _json_lines(text, path) if kind == "jsonl" else _json_list(text, path)
-    if not records:
-        raise ValueError(f"{path}: no rows")
-    return records
-
-
-def _json_lines(text: str, path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            if text.endswith("\n") and number == text.count("\n") + 1:
-                continue                      # the newline that ends the last line
-            raise ValueError(f"{path}: line {number} is blank (JSONL: one JSON object per line)")
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object")
-        records.append(record)
-    return records
-
-
-def _json_list(text: str, path: Path) -> list[dict]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: a .json file must hold a list of row objects, not a "
-                         f"{type(value).__name__}")
-    for i, record in enumerate(value):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: row {i} (counting from 0) is a JSON {type(record).__name__}, "
-                             "not an object")
-    return value
-
-
-def check_rows(records: list[dict], source: str, task: str = "countdown",
-               math_levels: set[int] | None = None) -> list[dict]:
-    """Each record checked by its own task (task_of: its data_source, else `task`); sources without a task
-    are skipped with one line each on stderr, and so are MATH rows outside math_levels (when given)."""
-    rows, skipped, off_level = [], {}, 0
-    for i, record in enumerate(records):
-        if not isinstance(record.get("data_source") or "", str):
-            raise _row_error(source, i, "data_source", f"must be a string, got {record['data_source']!r}")
-        name = task_of(record, task)
-        if name is None:
-            skipped[record.get("data_source")] = skipped.get(record.get("data_source"), 0) + 1
-            continue
-        row = TASKS[name].check_row(record, i, source)
-        if name == "math" and math_levels and row["level"] not in math_levels:
-            off_level += 1
-            continue
-        rows.append(row)
-    for data_source, count in skipped.items():
-        print(f"{source}: {count} rows of data_source {data_source!r} skipped: no reward for it here "
-              f"(tasks: {', '.join(TASKS)})", file=sys.stderr)
-    if off_level:
-        print(f"{source}: {off_level} MATH rows outside --math_levels {sorted(math_levels)} skipped",
-              file=sys.stderr)
-    return rows
-
-
-def load_task_rows(path_or_name: str, split: str = "train", num_train: int = 10_240, num_test: int = 1_024,
-                   seed: int = 0, task: str = "countdown", math_levels: set[int] | None = None) -> list[dict]:
-    """Rows of the released schema: generated ('countdown', 'kk') or read (.parquet/.jsonl/.json).
-
-    split, num_train, num_test, seed: generated rows only (a file is one split). A file's rows are checked by
-    their own task (see check_rows); extra columns are dropped.
-
-    >>> load_task_rows("countdown_test.parquet")[0]["nums"]   # a released file   # doctest: +SKIP
-    [47, 76, 55, 60]
-    """
-    if str(path_or_name) in GENERATED:
-        train, test = TASKS[str(path_or_name)].split(num_train, num_test, seed)
-        return {"train": train, "test": test}[split]
-    return check_rows(read_records(Path(path_or_name)), str(path_or_name), task, math_levels)
-
-
-
-# --- reward ------------------------------------------------------------------------------------------
+# --- reward: exact arithmetic of the extracted answer (no eval) ---------------------------------------
 
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # a Python-style decimal literal: 7, 7., 7.5, .5
 
@@ -517,33 +851,6 @@ def parse_arithmetic(expr: str) -> Fraction:
     return value
 
 
-def extract_answer(text: str) -> str | None:
-    """The released extraction, in linear time: after the first "Assistant:" (the prompt has exactly one), the
-    last line, the last <answer>...</answer> on it, stripped; None if absent. So an answer followed by a
-    newline is not extracted, as in the released scorer.
-
-    >>> extract_answer("Assistant: Let me solve this.\\n<think> 3 * 4 = 12 </think>"
-    ...                "\\n<answer> 3 * 4 </answer>")
-    '3 * 4'
-    """
-    start = text.find("Assistant:")
-    if start < 0:
-        return None
-    return last_answer_tag(text[max(start + len("Assistant:"), text.rfind("\n") + 1):])
-
-
-def last_answer_tag(text: str) -> str | None:
-    """The last match of re.finditer(r"<answer>(.*?)</answer>", text, re.DOTALL), stripped, in linear time
-    (an unclosed <answer> ends the search: no later one can close either); None if there is none."""
-    found, pos = None, 0
-    while (opened := text.find("<answer>", pos)) >= 0:
-        closed = text.find("</answer>", opened + len("<answer>"))
-        if closed < 0:
-            break
-        found, pos = text[opened + len("<answer>"):closed], closed + len("</answer>")
-    return None if found is None else found.strip()
-
-
 def _is_correct(answer: str, nums: list[int], target: int) -> bool:
     """Cheap checks first (length, characters, numbers used), exact arithmetic last."""
     if len(answer) > MAX_ANSWER_CHARS or not set(answer) <= ANSWER_CHARS:
@@ -573,26 +880,6 @@ def countdown_reward(text: str, nums: list[int], target: int) -> float:
         return REWARD_WRONG
 
 
-def answer_pieces(row: dict, key: str = "answer") -> list[str]:
-    """Pieces a row's answer is tokenised in: each hint fragment, then the tail (`</think>`, the answer).
-
-    A hint is tokenised on its own when it joins the prompt; tokenising the SFT target piece by piece keeps
-    SFT, hinted prompts and the hint NLL on the same token boundaries (BPE merges may cross fragments).
-    An answer that does not start with its fragments is one piece.
-    >>> answer_pieces({"answer": "1 + 2 = 3\\nSo 3 </think>", "hint": ["1 + 2 = 3\\n", "So 3"]})
-    ['1 + 2 = 3\\n', 'So 3', ' </think>']
-    """
-    hint, answer = row.get("hint"), row[key]
-    if isinstance(hint, list) and hint and answer.startswith("".join(hint)):
-        return list(hint) + [answer[len("".join(hint)):]]
-    return [answer]
-
-
-def answer_token_ids(row: dict, encode) -> list[int]:
-    """Token ids of the answer, piece by piece (`answer_pieces`): every hint's tokens are a prefix of them."""
-    return [t for piece in answer_pieces(row) for t in encode(piece)]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Knights and Knaves: the released grammar and prompt, a brute-force solver, a generator, a deduction trace
 # ----------------------------------------------------------------------------------------------------------
@@ -605,9 +892,6 @@ KK_TEMPLATE = (  # the released prompt around a puzzle (its frame is the countdo
     "the truth, and knaves always lie. {puzzle}So who is a knight and who is a knave? Show your work in "
     "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example <answer> (1) "
     "Zoey is a knight\n(2) Oliver is a knight\n(3)... </answer>.\n" + ASSISTANT_START)
-
-
-KK_SOURCE = "kk_logic"  # the released data_source of K&K rows
 
 
 KK_NAMES = (  # first names for generated puzzles; one word each, so "Name is a knight" parses
@@ -625,6 +909,9 @@ KK_KINDS = ("telling-truth", "lying", "not", "and", "or", "->", "<=>")  # the re
 
 
 KK_CONNECTIVES = {"and": "{} and {}", "or": "{} or {}", "->": "If {} then {}", "<=>": "{} if and only if {}"}
+
+
+KK_MAX_NESTING = 10  # deeper brackets in a `statements` field are refused unparsed (released: 3)
 
 
 KK_PEOPLE = (2, 8)  # generated puzzles have this many inhabitants at most / at least (released: 3-7)
@@ -858,9 +1145,30 @@ def kk_split(num_train: int, num_test: int, seed: int, min_people: int = 3,
     return train, test
 
 
+def bracket_depth(text: str) -> int:
+    """How deep ( [ { nest in a text, e.g. 2 for "((a), b)" (brackets inside quotes count too)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+    return deepest
+
+
 def parse_kk_statements(text: str, n: int) -> tuple:
-    """The `statements` field (a Python literal of tuples) checked against the grammar and n people."""
-    value = ast.literal_eval(text) if len(text) < 100_000 else None   # literals only: never code
+    """The `statements` field (a Python literal of tuples) checked against the grammar and n people. Brackets
+    nested deeper than KK_MAX_NESTING are refused before parsing: Python's parser runs out of memory on a few
+    thousand (MemoryError).
+
+    >>> parse_kk_statements("(('lying', 1), ('not', ('telling-truth', 0)))", 2)
+    (('lying', 1), ('not', ('telling-truth', 0)))
+    """
+    if not isinstance(text, str) or len(text) >= 100_000 or bracket_depth(text) > KK_MAX_NESTING:
+        raise ValueError(f"statements must be a string under 100,000 characters, brackets nested at most "
+                         f"{KK_MAX_NESTING} deep")
+    value = ast.literal_eval(text)   # literals only: never code
 
     def check(s) -> bool:
         if not isinstance(s, tuple) or not s or s[0] not in KK_KINDS:
@@ -873,8 +1181,32 @@ def parse_kk_statements(text: str, n: int) -> tuple:
     return value
 
 
+def kk_name_problem(names: list[str]) -> str | None:
+    """Why the released K&K scorer could not score a puzzle with these names, or None when it can. The
+    released scorer reads each name back from the solution text as the first word of ASCII letters on its
+    line, and counts "knight" + "knave" in an answer; so a name must be one such word (no accents, spaces or
+    brackets), two names must differ even ignoring case (the name patterns are case-insensitive), and no name
+    may contain "knight" or "knave".
+
+    >>> kk_name_problem(["Ava", "Ben"]), kk_name_problem(["Zoë"]), kk_name_problem(["Ava", "AVA"])
+    (None, "'Zoë' is not one word of ASCII letters", "'AVA' repeats a name (ignoring case)")
+    """
+    seen = set()
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z]+", name):
+            return f"{name!r} is not one word of ASCII letters"
+        if "knight" in name.lower() or "knave" in name.lower():
+            return f"{name!r} contains 'knight' or 'knave' (the answer's role count would be off)"
+        if name.lower() in seen:
+            return f"{name!r} repeats a name (ignoring case)"
+        seen.add(name.lower())
+    return None
+
+
 def validate_kk_row(row: dict, index: int, source: str) -> dict:
-    """question, hint, answer, data_source and the released ground truth of one K&K row, checked."""
+    """question, hint, answer, data_source and the released ground truth of one K&K row, checked: the
+    statements parse (nested at most KK_MAX_NESTING deep), the names can be scored (kk_name_problem), and
+    solution_text_format is the released text of names and solution."""
     out = _text_fields(row, index, source)
     gt = _ground_truth(row, index, source)
     try:
@@ -882,61 +1214,73 @@ def validate_kk_row(row: dict, index: int, source: str) -> dict:
         if not names or not all(isinstance(x, str) for x in names) or len(solution) != len(names):
             raise ValueError("names and solution must be lists of the same length")
         parse_kk_statements(gt["statements"], len(names))
-        text = str(gt["solution_text_format"])
+        text = gt["solution_text_format"]
     except (TypeError, KeyError, ValueError, SyntaxError) as e:
         raise ValueError(f"{source}: row {index} (counting from 0): field 'ground_truth' is not the released "
                          f"K&K one (names, solution, solution_text_format, statements): {e}") from None
+    if (problem := kk_name_problem(names)) is not None:
+        raise _row_error(source, index, "ground_truth.names", f"cannot be scored by the released rule: {problem}")
+    if text != kk_solution_text(names, solution):
+        raise _row_error(source, index, "ground_truth.solution_text_format",
+                         f"must be the released text of names and solution, {kk_solution_text(names, solution)!r}")
     return {**out, "data_source": row.get("data_source") or KK_SOURCE,
             "ground_truth": {"names": names, "solution": solution, "solution_text_format": text,
                              "statements": gt["statements"]}}
 
 
-def parse_kk_answer(answer: str, names: list[str]) -> list[bool] | None:
-    """Each name's role, from the first 'Name is a knight|knave' in the answer (case-insensitive, ASCII only:
-    no unicode case folding or lookalikes); None if a name has none (the released parser's rule)."""
+def parse_kk_answer(answer: str, names: list[str]) -> list[str] | None:
+    """Each name's role word, lower-cased, from the first "<name> is a knight|knave" in the answer (whole
+    words, any whitespace, case-insensitive as Python's re folds unicode: the Kelvin sign matches k, the long
+    s matches s, the dotless i matches i); None if a name has none (the released rule).
+
+    >>> parse_kk_answer("Ava is a knave. ava IS A KNIGHT. Ben\\tis a\\xa0knight", ["Ava", "Ben"])
+    ['knave', 'knight']
+    """
     roles = []
     for name in names:
-        pattern = rf"\b{re.escape(name)}\s+is\s+a\s+(knight|knave)\b"
-        found = re.search(pattern, answer, re.IGNORECASE | re.ASCII)
+        found = re.search(rf"\b{re.escape(name)}\b\s+is\s+a\s+\b(knight|knave)\b", answer, re.IGNORECASE)
         if found is None:
             return None
-        roles.append(found.group(1).lower() == "knight")
+        roles.append(found.group(1).lower())
     return roles
 
 
 def kk_reward(text: str, ground_truth: dict) -> float:
     """Released three-level K&K reward of prompt + completion: 1.0 when every inhabitant's role is the
-    solution's, 0.1 when an answer is extracted but a role is missing or wrong, 0.0 when none is.
+    solution's, 0.1 when an answer is extracted but fails, 0.0 when none is.
 
-    The answer is the last <answer>...</answer> after the first "Assistant:" (it may span lines).
+    The answer is the last <answer>...</answer> block of the assistant part (assistant_part, last_answer_tag;
+    it may span lines); an empty or blank block is no answer. It fails unless "knight" + "knave" occur in it
+    (str.lower(), anywhere, plural words and notes included) exactly once per inhabitant, and each name's
+    first "<name> is a knight|knave" (parse_kk_answer) gives the solution's role.
     >>> gt = {"names": ["Ava", "Ben"], "solution": [True, False]}
     >>> right = "<answer> (1) Ava is a knight\\n(2) Ben is a knave </answer>"
-    >>> [kk_reward("Assistant: " + c, gt)
-    ...  for c in (right, "<answer> Ava is a knight </answer>", "Ava is a knight")]
-    [1.0, 0.1, 0.0]
+    >>> [kk_reward("Assistant: " + c, gt) for c in (right, right.replace("</", "(knights lie) </"),
+    ...                                           "<answer> </answer>", "Ava is a knight")]
+    [1.0, 0.1, 0.0, 0.0]
     """
-    if not isinstance(text, str) or (start := text.find("Assistant:")) < 0:
+    part = assistant_part(text)
+    answer = last_answer_tag(part) if part is not None else None
+    if not answer:                  # None, or a block that is empty once stripped
         return REWARD_NONE
-    answer = last_answer_tag(text[start + len("Assistant:"):])
-    if answer is None:
-        return REWARD_NONE
-    roles = parse_kk_answer(answer, list(ground_truth["names"]))
-    return REWARD_CORRECT if roles == [bool(x) for x in ground_truth["solution"]] else REWARD_WRONG
-
+    lowered, names = answer.lower(), list(ground_truth["names"])
+    if lowered.count("knight") + lowered.count("knave") != len(names):
+        return REWARD_WRONG
+    expected = ["knight" if x else "knave" for x in ground_truth["solution"]]
+    return REWARD_CORRECT if parse_kk_answer(answer, names) == expected else REWARD_WRONG
 
 # ----------------------------------------------------------------------------------------------------------
 # MATH: rows of the released schema, the standard (Hendrycks) answer normalisation, the released reward
 # ----------------------------------------------------------------------------------------------------------
 
-MATH_SOURCES = ("DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH", "math")  # data_source of MATH rows
-
-
 def _fix_fracs(s: str) -> str:
     r"""Brace one-character \frac arguments: \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{b}; a \frac with
-    fewer than two characters after it leaves the whole string as it was."""
+    one character after it leaves the whole string as it was, a \frac with none is a ValueError."""
     head, *parts = s.split("\\frac")
     out = [head]
     for part in parts:
+        if not part:
+            raise ValueError("\\frac without an argument")
         if part.startswith("{"):
             out.append(part)
         elif len(part) < 2:
@@ -956,13 +1300,22 @@ def _fix_sqrt(s: str) -> str:
     return "\\sqrt".join([head] + [p if p.startswith("{") else "{" + p[0] + "}" + p[1:] for p in parts])
 
 
-_INTEGER = r"(?:-?[1-9][0-9]*|0)"   # how Python prints an int: a/b is rewritten only for such a and b
-
-
 def _fix_a_slash_b(s: str) -> str:
-    r"""a/b -> \frac{a}{b} when the whole string is two integers written as Python prints them."""
-    found = re.fullmatch(f"({_INTEGER})/({_INTEGER})", s)
-    return s if found is None else "\\frac{" + found.group(1) + "}{" + found.group(2) + "}"
+    r"""a/b -> \frac{a}{b} when the string is two integers written as Python prints them ('1/2'); a string with
+    one '/' whose sides are not both Python int() literals ('x/2', '/2') is a ValueError, as in the standard
+    code (so math_equal compares the raw strings); '01/2' or '1/ 2' stay as they are.
+
+    >>> _fix_a_slash_b("-1/2"), _fix_a_slash_b("01/2"), _fix_a_slash_b("1/2/3")
+    ('\\frac{-1}{2}', '01/2', '1/2/3')
+    """
+    if s.count("/") != 1:
+        return s
+    a, b = s.split("/")
+    try:
+        x, y = int(a), int(b)   # Python's int(): sign, spaces, '_' between digits, any unicode digit
+    except ValueError:
+        raise ValueError(f"{s!r} is not a/b of integers") from None
+    return "\\frac{" + str(x) + "}{" + str(y) + "}" if s == f"{x}/{y}" else s
 
 
 def _remove_right_units(s: str) -> str:
@@ -976,18 +1329,19 @@ def _remove_right_units(s: str) -> str:
 
 
 def normalize_math_answer(s: str) -> str:
-    r"""The standard MATH (Hendrycks) string normalisation, these rules in this order and no others:
-    \tfrac, \dfrac -> \frac; drop \left, \right, ^{\circ}, ^\circ, \$; right units after '\text{ '; drop \%;
-    ' .' -> ' 0.', '{.' -> '{0.', a leading '.' -> '0.'; 'x = 5' -> ' 5' (one '=' and at most 2 characters
-    before it); \sqrt2 -> \sqrt{2}; drop spaces; \frac12 -> \frac{1}{2}; '0.5' -> \frac{1}{2};
-    a/b -> \frac{a}{b}.
-    ValueError where the standard code fails (two '\text{ ', a trailing \sqrt); math_equal then compares raw.
+    r"""The MATH normalisation of the released scorer (the standard Hendrycks one), these rules in this order
+    and no others: drop newlines; drop \!; \\ -> \; tfrac, dfrac -> frac; drop \left, \right, ^{\circ},
+    ^\circ, \$; right units after '\text{ '; drop \%; ' .' -> ' 0.', '{.' -> '{0.', a leading '.' -> '0.';
+    'x = 5' -> ' 5' (one '=' and at most 2 characters before it); \sqrt2 -> \sqrt{2}; drop spaces;
+    \frac12 -> \frac{1}{2}; '0.5' -> \frac{1}{2}; a/b -> \frac{a}{b}.
+    ValueError where the standard code fails (two '\text{ ', a \sqrt or \frac with nothing after it, one '/'
+    between things that are not integers); math_equal then compares the raw strings.
 
     >>> normalize_math_answer("x = \\dfrac12"), normalize_math_answer("\\left( 3, .5 \\right)")
     ('\\frac{1}{2}', '(3,0.5)')
     """
-    for old, new in (("\\tfrac", "\\frac"), ("\\dfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                     ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
         s = s.replace(old, new)
     s = _remove_right_units(s).replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
     if s.startswith("."):
@@ -1008,7 +1362,7 @@ def math_equal(answer: str, target: str) -> bool:
 
 def math_reward(text: str, target: str) -> float:
     r"""Released three-level MATH reward of prompt + completion: 1.0 when the answer (extract_answer: the last
-    <answer>...</answer> on the last line after "Assistant:") equals the target under math_equal, 0.1 when an
+    <answer>...</answer> on the last line of the assistant part) equals the target under math_equal, 0.1 when an
     answer is extracted but differs, 0.0 when none is.
 
     >>> q = "User: 1/2 + 1/4? Assistant: <think> "
@@ -1030,10 +1384,9 @@ def math_level(level) -> int | None:
 
 def validate_math_row(row: dict, index: int, source: str) -> dict:
     """question, hint, answer, data_source, target (reward_model.ground_truth.target, or a `target` column),
-    level and type of one MATH row, checked."""
+    level and type of one MATH row, checked. MATH500, Minerva, OlympiadBench rows are MATH rows (as released)."""
     out = _text_fields(row, index, source)
-    gt = _ground_truth(row, index, source) or {}
-    target = gt.get("target", row.get("target")) if isinstance(gt, dict) else row.get("target")
+    target = _truth_field(row, index, source, "target")
     if not isinstance(target, str):
         raise _row_error(source, index, "target", f"(reward_model.ground_truth.target) must be a string, "
                                                    f"got {target!r}")
@@ -1042,68 +1395,54 @@ def validate_math_row(row: dict, index: int, source: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Supervised rows (sft_go.py): {prompt, response} from JSONL/JSON/parquet files, Alpaca records included
+# Numeric answers (GSM8K, AIME, AMC): the released rule, a number equal to the target within 1e-5
 # ----------------------------------------------------------------------------------------------------------
 
-PROMPT_KEYS = ("prompt", "question", "instruction")
-RESPONSE_KEYS = ("response", "answer", "output", "completion")
+def numeric_reward(text: str, target) -> float:
+    """Released three-level reward of the numeric sources: the answer is extracted as for countdown
+    (extract_answer); 1.0 when Python's float() of it is within 1e-5 of float(target), 0.1 when it is another
+    number or not one ('1,000', '3/4'), 0.0 when there is none.
 
-
-def as_sft_row(record: dict) -> dict | None:
-    """Add `prompt` and `response` to a record; None if it has no response text.
-
-    Alpaca records (instruction, input, output) get a plain instruction/response template.
-    >>> as_sft_row({"instruction": "Add.", "input": "2 3", "output": "5"})["prompt"]
-    '### Instruction:\\nAdd.\\n\\n### Input:\\n2 3\\n\\n### Response:\\n'
+    >>> q = "User: 6 * 7? Assistant: <think> "
+    >>> [numeric_reward(q + c, "42") for c in ("<answer> 42.0 </answer>", "<answer> 4_2 </answer>",
+    ...                                          "<answer> 41 </answer>", "<answer> forty-two </answer>", "")]
+    [1.0, 1.0, 0.1, 0.1, 0.0]
     """
-    response = next((record[k] for k in RESPONSE_KEYS if isinstance(record.get(k), str)), None)
-    if not response:
-        return None
-    if "instruction" in record and "prompt" not in record and "question" not in record:
-        extra = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
-        prompt = f"### Instruction:\n{record['instruction']}\n\n{extra}### Response:\n"
-    else:
-        prompt = next((record[k] for k in PROMPT_KEYS if isinstance(record.get(k), str)), "")
-    return {**record, "prompt": prompt, "response": response}
-
-
-def conversation_rows(record: dict, where: str) -> list[dict]:
-    """A LIMA-style record (`conversations`: alternating user, assistant, user, ... strings) -> one row per
-    assistant turn, whose prompt is the whole conversation before it, so every assistant turn is trained on
-    and none is ever a prompt-less fragment. `where` names the row in errors.
-    >>> [r["response"] for r in conversation_rows({"conversations": ["Hi.", "Hello!", "Bye.", "Bye!"]}, "")]
-    ['Hello!', 'Bye!']
-    """
-    turns = record["conversations"]
-    if (not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2
-            or not all(isinstance(t, str) and t.strip() for t in turns)):
-        raise UserError(f"{where}: 'conversations' must be a list of non-empty strings alternating user and "
-                        f"assistant turns, ending with an assistant turn")
-    rows, context = [], ""
-    for user, assistant in zip(turns[::2], turns[1::2]):
-        context += f"### User:\n{user}\n\n### Assistant:\n"
-        rows.append({**record, "prompt": context, "response": assistant})
-        context += f"{assistant}\n\n"
-    return rows
-
-
-def load_sft_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl, .json or .parquet file (read by `read_records`); a file that cannot be read, or a
-    row without a response, is a UserError naming the file (and the row)."""
+    answer = extract_answer(text) if isinstance(text, str) else None
+    if answer is None:
+        return REWARD_NONE
     try:
-        records = read_records(Path(path))
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
-    if all("conversations" in r for r in records):
-        return [row for i, r in enumerate(records, 1) for row in conversation_rows(r, f"{path}: row {i}")]
-    rows = [as_sft_row(r) for r in records]
-    if None in rows:
-        i = rows.index(None)
-        raise UserError(f"{path}: row {i} (counting from 0) has no response text (need one of the columns "
-                        f"{', '.join(RESPONSE_KEYS)} with a non-empty string); columns found: "
-                        f"{', '.join(sorted(records[i])) or 'none'}")
-    return rows
+        value = float(answer)   # Python's float: '1e3', '4_2', ' 7 ', 'inf' and unicode digits are numbers
+    except ValueError:
+        return REWARD_WRONG
+    return REWARD_CORRECT if abs(value - float(target)) < 1e-5 else REWARD_WRONG
 
+
+def numeric_target(value) -> float | None:
+    """float() of a target (a number or a numeric string) when it is finite; None otherwise.
+
+    >>> numeric_target("18"), numeric_target(2.5), numeric_target("1,000"), numeric_target(True)
+    (18.0, 2.5, None, None)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or \
+            (isinstance(value, str) and len(value) > 1_000):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def validate_numeric_row(row: dict, index: int, source: str) -> dict:
+    """question, hint, answer, data_source and target (reward_model.ground_truth.target, or a `target`
+    column) of one GSM8K / AIME / AMC row; the target must be a finite number or numeric string."""
+    out = _text_fields(row, index, source)
+    target = _truth_field(row, index, source, "target")
+    if numeric_target(target) is None:
+        raise _row_error(source, index, "target", f"(reward_model.ground_truth.target) must be a number or a "
+                                                   f"numeric string, got {target!r}")
+    return {**out, "data_source": row.get("data_source") or NUMERIC_SOURCES[0], "target": target}
 
 # ----------------------------------------------------------------------------------------------------------
 # Search tree: the setting of the paper's sample-complexity theorem, one rewarded leaf among B^H
@@ -1114,9 +1453,6 @@ def load_sft_rows(path: str) -> list[dict]:
 # sampling costs about B^H rollouts per tree, which is what the theorem says hints avoid.
 
 TREE_LETTERS = "abcdefgh"  # the choices at every level: the first B letters
-
-
-TREE_SOURCE = "tree"  # the data_source of tree rows
 
 
 TREE_IDS = {"test": (0, 500), "validation": (500, 1000), "warmup": (1000, 100_000)}  # disjoint id ranges
@@ -1220,70 +1556,67 @@ def validate_tree_row(row: dict, index: int, source: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The task interface
+# Supervised rows (sft_go.py): {prompt, response} from any source read_records reads, Alpaca records included
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """What training and evaluation need from a task."""
-    name: str
-    reward: Callable[[dict, str], float]              # (row, prompt + completion) -> 1.0 / 0.1 / 0.0
-    check_row: Callable[[dict, int, str], dict]       # file row -> checked fields; ValueError names it
-    split: Callable[..., tuple[list, list]]           # (num_train, num_test, seed, ...) -> generated rows
-    sources: tuple[str, ...] = ()                     # the data_source values of its rows
-    sample_fields: tuple[str, ...] = ()               # row fields written beside evaluation samples
+PROMPT_KEYS = ("prompt", "question", "instruction")
+RESPONSE_KEYS = ("response", "answer", "output", "completion")
 
 
-def _countdown_row_reward(row: dict, text: str) -> float:
-    return countdown_reward(text, row["nums"], row["target"])
+def as_sft_row(record: dict) -> dict | None:
+    """Add `prompt` and `response` to a record; None if it has no response text.
 
-
-def _no_generator(*args, **kwargs):
-    raise UserError("MATH has no built-in generator: pass --data <file> (e.g. the released MATH parquet)")
-
-
-TASKS = {
-    "countdown": Task("countdown", _countdown_row_reward, validate_task_row, countdown_split, ("countdown",),
-                      ("nums", "target")),
-    "kk": Task("kk", lambda row, text: kk_reward(text, row["ground_truth"]), validate_kk_row, kk_split,
-               (KK_SOURCE, "kk"), ("data_source", "ground_truth")),
-    "math": Task("math", lambda row, text: math_reward(text, row["target"]), validate_math_row, _no_generator,
-                 MATH_SOURCES, ("data_source", "target", "level")),
-    "tree": Task("tree", lambda row, text: tree_reward(text, row["ground_truth"]), validate_tree_row, tree_split,
-                 (TREE_SOURCE,), ("data_source", "ground_truth")),
-}
-
-
-GENERATED = ("countdown", "kk", "tree")  # --data values that generate rows instead of reading a file
-
-
-def task_of(row: dict, default: str = "countdown") -> str | None:
-    """The task that scores a row: the one whose name or sources hold its data_source; `default` when it has
-    none; None for a source no task scores (e.g. GSM8K)."""
-    source = row.get("data_source")
-    if not source:
-        return default
-    return next((name for name, t in TASKS.items() if source == name or source in t.sources), None)
-
-
-def row_source(row: dict, default: str = "countdown") -> str:
-    """What per-source accuracy groups a row by: its data_source, else the name of its task."""
-    return row.get("data_source") or default
-
-
-def accuracy_by_source(rows: list[dict], rewards: list[float]) -> dict[str, float]:
-    """Fraction of rewards exactly 1.0 among each source's rows (row_source), sources in order of appearance.
-
-    >>> rows = [{"data_source": "a"}, {"data_source": "b"}, {}, {"data_source": "a"}]
-    >>> accuracy_by_source(rows, [1, 0.1, 1, 0])
-    {'a': 0.5, 'b': 0.0, 'countdown': 1.0}
+    Alpaca records (instruction, input, output) get a plain instruction/response template.
+    >>> as_sft_row({"instruction": "Add.", "input": "2 3", "output": "5"})["prompt"]
+    '### Instruction:\\nAdd.\\n\\n### Input:\\n2 3\\n\\n### Response:\\n'
     """
-    hits: dict[str, list[bool]] = {}
-    for row, r in zip(rows, rewards):
-        hits.setdefault(row_source(row), []).append(r == REWARD_CORRECT)
-    return {source: sum(h) / len(h) for source, h in hits.items()}
+    response = next((record[k] for k in RESPONSE_KEYS if isinstance(record.get(k), str)), None)
+    if not response:
+        return None
+    if isinstance(record.get("instruction"), str) and _missing(record.get("prompt")) \
+            and _missing(record.get("question")):
+        extra = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
+        prompt = f"### Instruction:\n{record['instruction']}\n\n{extra}### Response:\n"
+    else:
+        prompt = next((record[k] for k in PROMPT_KEYS if isinstance(record.get(k), str)), "")
+    return {**record, "prompt": prompt, "response": response}
 
 
-def reward(row: dict, text: str, task: str = "countdown") -> float:
-    """The reward of prompt + completion `text` under the row's task (task_of; an unknown source: `task`)."""
-    return TASKS[task_of(row, task) or task].reward(row, text)
+def conversation_rows(record: dict, where: str) -> list[dict]:
+    """A LIMA-style record (`conversations`: alternating user, assistant, user, ... strings) -> one row per
+    assistant turn, whose prompt is the whole conversation before it, so every assistant turn is trained on
+    and none is ever a prompt-less fragment. `where` names the row in errors.
+    >>> [r["response"] for r in conversation_rows({"conversations": ["Hi.", "Hello!", "Bye.", "Bye!"]}, "")]
+    ['Hello!', 'Bye!']
+    """
+    turns = record["conversations"]
+    if (not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2
+            or not all(isinstance(t, str) and t.strip() for t in turns)):
+        raise UserError(f"{where}: 'conversations' must be a list of non-empty strings alternating user and "
+                        f"assistant turns, ending with an assistant turn")
+    rows, context = [], ""
+    for user, assistant in zip(turns[::2], turns[1::2]):
+        context += f"### User:\n{user}\n\n### Assistant:\n"
+        rows.append({**record, "prompt": context, "response": assistant})
+        context += f"{assistant}\n\n"
+    return rows
+
+
+def load_sft_rows(path: str, split: str = "train", columns: dict[str, str] | None = None) -> list[dict]:
+    """Rows of a file, save_to_disk folder or Hub dataset (read by `read_records`); a source that cannot be
+    read, or a row without a response, is a UserError naming the source (and the row)."""
+    try:
+        records = read_records(path, split, columns)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    if all(not _missing(r.get("conversations")) for r in records):
+        return [row for i, r in enumerate(records, 1) for row in conversation_rows(r, f"{path}: row {i}")]
+    rows = [as_sft_row(r) for r in records]
+    if None in rows:
+        i = rows.index(None)
+        raise UserError(f"{path}: row {i} (counting from 0) has no response text (need one of the columns "
+                        f"{', '.join(RESPONSE_KEYS)} with a non-empty string); columns found: "
+                        f"{', '.join(sorted(records[i])) or 'none'}")
+    return rows
+
+

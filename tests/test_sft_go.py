@@ -358,7 +358,10 @@ def test_lima_conversations_train_on_every_assistant_turn(tmp_path, suffix):
 def test_a_malformed_conversation_names_its_row(tmp_path, turns):
     path = tmp_path / "lima.jsonl"
     path.write_text(json.dumps({"conversations": ["q", "a"]}) + "\n" + json.dumps({"conversations": turns}))
-    with pytest.raises(uft.UserError, match=r"lima\.jsonl: row 2: 'conversations' must be"):
+    # a string, or a number among strings, changes the column's type: `datasets` names that row (from 0)
+    named = (r"row 1 \(counting from 0\): field 'conversations" if turns in ("q a", ["q", 5])
+             else r"row 2: 'conversations' must be")
+    with pytest.raises(uft.UserError, match=rf"lima\.jsonl: {named}"):
         sft_go.load_sft_rows(str(path))
 
 

@@ -268,8 +268,11 @@ def test_parquet_and_json_round_trips_keep_rows(tmp_path, generated):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.parquet"):
         tasks.load_task_rows(str(tmp_path / "nope.parquet"))
-    with pytest.raises(ValueError, match="rows.csv"):
+    with pytest.raises(FileNotFoundError, match="rows.csv"):        # CSV is a data format now
         tasks.load_task_rows(str(tmp_path / "rows.csv"))
+    (tmp_path / "rows.txt").write_text("44 19 35\n")
+    with pytest.raises(ValueError, match="rows.txt: unknown data format"):
+        tasks.load_task_rows(str(tmp_path / "rows.txt"))
 
 
 def test_builtin_name_generates_the_split():

@@ -47,17 +47,17 @@ def test_every_algo_trains_and_writes_a_complete_run_folder(tiny_dir, tmp_path, 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch, capsys):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert uft.main(flags(tiny_dir, whole, "--algo", "uft")) == 0
-    real_step = uft.training_step
+    real_rows = uft.rows_for_step
 
-    def crash_at_3(run):
-        if run.step == 3:
+    def crash_at_3(num_rows, batch_size, step, seed):       # the first thing a step does: draw its problems
+        if step == 3:
             raise KeyboardInterrupt
-        return real_step(run)
-    monkeypatch.setattr(uft, "training_step", crash_at_3)
+        return real_rows(num_rows, batch_size, step, seed)
+    monkeypatch.setattr(uft, "rows_for_step", crash_at_3)
     assert uft.main(flags(tiny_dir, split, "--algo", "uft")) == 130          # Ctrl-C: 128 + SIGINT
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("stopped by SIGINT") and f"--resume {split}" in err and "(step 2)" in err
-    monkeypatch.setattr(uft, "training_step", real_step)
+    monkeypatch.setattr(uft, "rows_for_step", real_rows)
     assert (split / "checkpoint" / "trainer_state.pt").exists()
     assert uft.main(["--resume", str(split)]) == 0
     assert metrics_of(split) == metrics_of(whole)
@@ -73,15 +73,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_
     def nan_at_3(logp, old, adv, eps=0.2):
         loss = real(logp, old, adv, eps)
         return loss * float("nan") if nan_at_3.run_step() == 3 else loss
-    real_step = uft.training_step
+    real_rows = uft.rows_for_step
     current = {}
 
-    def track(run):
-        current["step"] = run.step
-        return real_step(run)
+    def track(num_rows, batch_size, step, seed):
+        current["step"] = step
+        return real_rows(num_rows, batch_size, step, seed)
     nan_at_3.run_step = lambda: current.get("step")
     monkeypatch.setattr(uft, "policy_gradient_loss", nan_at_3)
-    monkeypatch.setattr(uft, "training_step", track)
+    monkeypatch.setattr(uft, "rows_for_step", track)
     assert uft.main(flags(tiny_dir, out, "--algo", "rft")) == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 3" in err and "checkpoint" in err
@@ -119,11 +119,12 @@ def test_sft_targets_are_answer_plus_eos_and_hints_are_their_prefix(tiny_dir):
     batch = uft.sft_batch(tok, [row])
     target = batch.ids[0, -batch.target_mask.shape[1]:][batch.target_mask[0]].tolist()
     assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == row["answer"]
-    run = uft.Run(args=None, model=model, tokenizer=tok, ref=None, optimizer=None, scheduler=None, train_rows=[],
-                  test_rows=[], rng=None, generator=None, out=None)
-    hint_ids = [t for f in row["hint"][:2] for t in run.encode(f)]       # how a rollout encodes a hint
-    assert target[: len(hint_ids)] == hint_ids
-    assert uft.sft_batch(tok, [row], encode=run.encode).ids.tolist() == batch.ids.tolist()   # the run's cache
+    cache = {}
+    encode = lambda text: cache.setdefault(text, tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts, hint_lengths = uft.hinted_prompts([row], [("", 2, 0.4)], encode)   # how a rollout encodes a hint
+    hint_ids = prompts[0][len(prompts[0]) - hint_lengths[0]:]
+    assert hint_ids and target[: len(hint_ids)] == hint_ids
+    assert uft.sft_batch(tok, [row], encode=encode).ids.tolist() == batch.ids.tolist()   # a run's cache
 
 
 def test_sft_update_is_the_token_mean_nll_whatever_the_micro_batch_size(tokenizer):
