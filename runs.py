@@ -471,3 +471,25 @@ def where_to_restart(args) -> str:
 
 
 import uft  # noqa: E402  (last: uft imports this module, and finds every name above already defined)
+
+
+def print_evaluation(result: dict) -> None:
+    """The --eval_only summary: overall figures, then one line per data_source of a mixed file."""
+    print(f"\n{result['model']} on {result['n']} held-out rows: accuracy {result['eval_accuracy']:.3f}  "
+          f"reward {result['eval_reward']:.3f}  format {result['eval_format_rate']:.3f}")
+    for source, accuracy in result.get("eval_accuracy_by_source", {}).items():
+        print(f"  {source}: accuracy {accuracy:.3f}")
+    if "eval_accuracy_source_mean" in result:
+        print(f"  mean over sources: {result['eval_accuracy_source_mean']:.3f}")
+
+
+def print_result(algo: str, result: dict, minutes: float) -> None:
+    """A training run's last lines: base -> final held-out accuracy and the paired change with its interval."""
+    c = result["comparison"]
+    verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
+               "not distinguishable from no change on this many problems")
+    print(f"\n{algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> "
+          f"{result['final_accuracy']:.3f} after {result['steps']} steps, {minutes:.1f} min. "
+          f"Run folder: {result['output_dir']}\nchange {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to "
+          f"{c['high']:+.3f} over {c['n']} held-out problems ({c['wins']} gained, {c['losses']} lost): "
+          f"{verdict}")

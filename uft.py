@@ -1158,16 +1158,6 @@ def argparse_copy(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def print_evaluation(result: dict) -> None:
-    """The --eval_only summary: overall figures, then one line per data_source of a mixed file."""
-    print(f"\n{result['model']} on {result['n']} held-out rows: accuracy {result['eval_accuracy']:.3f}  "
-          f"reward {result['eval_reward']:.3f}  format {result['eval_format_rate']:.3f}")
-    for source, accuracy in result.get("eval_accuracy_by_source", {}).items():
-        print(f"  {source}: accuracy {accuracy:.3f}")
-    if "eval_accuracy_source_mean" in result:
-        print(f"  mean over sources: {result['eval_accuracy_source_mean']:.3f}")
-
-
 def check_world(args) -> None:
     """Under torchrun every rank takes an equal share of each optimizer update's prompts."""
     world = common.DP.world_size
@@ -1198,7 +1188,7 @@ def run_and_report(args) -> int:
     if args.eval_only:
         result = runs.evaluate_only(args)
         if common.is_main():
-            print_evaluation(result)
+            runs.print_evaluation(result)
         return 0
     try:
         with bf16_autocast(args):
@@ -1206,17 +1196,8 @@ def run_and_report(args) -> int:
     except FloatingPointError as err:
         raise common.RunFailed(f"{err}: stopped; the last good checkpoint is in "
                                f"{Path(args.output_dir) / 'checkpoint'} (try a lower --learning_rate)") from None
-    if not common.is_main():
-        return 0
-    minutes = (time.time() - start) / 60
-    c = result["comparison"]
-    verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
-               "not distinguishable from no change on this many problems")
-    print(f"\n{args.algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> "
-          f"{result['final_accuracy']:.3f} after {result['steps']} steps, {minutes:.1f} min. "
-          f"Run folder: {result['output_dir']}\nchange {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to "
-          f"{c['high']:+.3f} over {c['n']} held-out problems ({c['wins']} gained, {c['losses']} lost): "
-          f"{verdict}")
+    if common.is_main():
+        runs.print_result(args.algo, result, minutes=(time.time() - start) / 60)
     return 0
 
 

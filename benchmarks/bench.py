@@ -9,8 +9,8 @@ What it measures, in one process (contenders interleaved A B A B ..., medians, r
   2. cache     time per new token of `uft.generate` (cache allocated once, written in place), of the same
                sampler on transformers' DynamicCache (concatenated every token) and of a loop doing a full
                forward per token, at generated lengths 32..512; a table and cache_scaling.png.
-  3. step      one UFT training step (`uft.training_step` on a `uft.Run`) vs one TRL `GRPOTrainer` step with
-               the same model, prompts, num_generations, completion length, beta and optimizer.
+  3. step      one UFT training step vs one TRL `GRPOTrainer` step with the same model, prompts,
+               num_generations, completion length, beta and optimizer, steps alternating.
   4. real      seconds per UFT step on SmolLM2-135M at the `smollm` grid's settings, float32 vs bfloat16,
                split into sampling, scoring and update, with peak memory.
   5. shapes    sampler vs model.generate and one UFT step on randomly initialised Qwen2.5-0.5B / 1.5B shapes
@@ -18,6 +18,11 @@ What it measures, in one process (contenders interleaved A B A B ..., medians, r
                `--device cuda` on a GPU; on CPU the same code at a tiny shape.
   6. memory    peak RSS of `python uft.py`'s default run with a short T, run as a subprocess.
   7. machine   fp32 / bf16 matmul GFLOP/s, and the sampler's model FLOP/s (2 x params x tokens/s) against it.
+A UFT step is a step of `uft.train`, the one training loop, run for a few steps in a temporary folder (--stop_at 0
+with an evaluation at the last step ends it): s/step is its metrics.jsonl `step_seconds`, sampling its
+`rollout_tokens / rollout_tokens_per_s`; scoring is timed by wrapping `uft.score`, which the loop looks up as a
+module global (so do runs.steps / runs.end_step, wrapped to pace the loop against TRL's and to read per-step peak
+memory; nothing of the loop is copied here). No checkpoint or plot.png is written.
 Every timed CPU loop runs on one thread (torch.set_num_threads(1)): the machine may be shared, and ratios of
 interleaved medians are what survives background load (absolute times do not).
 
@@ -61,6 +66,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 import uft  # noqa: E402
+import models  # noqa: E402  (after uft: it imports uft back)
+import runs  # noqa: E402
 
 THREADS = 1
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -530,20 +537,185 @@ def plot_cache(per_token: dict, path: Path, rows: int) -> None:
 # UFT step vs TRL GRPOTrainer step
 # ----------------------------------------------------------------------------------------------------------
 
-def uft_run(model_dir: str, out: Path, extra: list[str], loaded=None):
-    """A uft.Run built the way uft.train builds it, from `--algo uft` flags; loaded: (model, tokenizer) to use
-    instead of loading model_dir."""
-    # the real parser: per-task defaults (max_completion_length, ...) and checks, as `python uft.py` gets them
-    args = uft.parse_args(["--algo", "uft", "--model", model_dir, "--device", "cpu",
-                           "--output_dir", str(out), "--num_train", "512", "--num_test", "8", *extra])
-    model, tok = loaded or uft.load_model(args.model, dtype=args.dtype, device=args.device)
-    train_rows, _, test_rows = uft.load_rows(args)
-    ref = uft.frozen_copy(model) if args.beta > 0 else None
-    optimizer, scheduler = uft.optimizer_for(args, model, "rl")
-    out.mkdir(parents=True, exist_ok=True)
-    return uft.Run(args=args, model=model, tokenizer=tok, ref=ref, optimizer=optimizer, scheduler=scheduler,
-                   train_rows=train_rows, test_rows=test_rows, rng=random.Random(args.seed),
-                   generator=torch.Generator(model.device).manual_seed(args.seed), out=out)
+# How the benchmark runs a UFT step: `uft.train` itself, the one training loop, for a few steps in a temporary
+# run folder. The loop looks its helpers up as module globals at call time (runs.steps, runs.end_step,
+# uft.score, models.load_seeded, ...), so wrapping them there times its parts, hands it a loaded model or pauses
+# it between steps, without a copy of the loop. step_seconds and the sampling time (rollout_tokens /
+# rollout_tokens_per_s) are the loop's own figures, read from the run's metrics.jsonl.
+
+def uft_args(model_dir: str, out: Path, extra: list[str], steps: int):
+    """The real parser's flags for a benchmark run of `--algo uft` (per-task defaults and checks, as `python
+    uft.py` gets them) that ends after `steps` steps: an evaluation at that step with --stop_at 0 stops it."""
+    return uft.parse_args(["--algo", "uft", "--model", model_dir, "--device", "cpu", "--output_dir", str(out),
+                           "--num_train", "512", "--num_test", "8", *extra,
+                           "--eval_steps", str(steps), "--stop_at", "0"])
+
+
+_current = threading.local()      # the StepProbe of the uft.train running in this thread (None: not probed)
+
+
+def probe() -> "StepProbe | None":
+    return getattr(_current, "probe", None)
+
+
+class StepProbe:
+    """What the benchmark reads of one `uft.train` run from outside the loop, step by step: seconds in uft.score
+    (the policy's and the reference's forward passes), peak memory (GPU: max_memory_allocated; CPU: the
+    process's RSS, polled every 5 ms), and the memory estimate the run printed at its start. loaded: (model,
+    tokenizer) handed to the run instead of loading --model. turn: a Turn that paces the run's steps."""
+
+    def __init__(self, loaded=None, turn: "Turn | None" = None, memory: bool = False):
+        self.loaded, self.turn, self.memory = loaded, turn, memory
+        self.scoring, self.cuda, self.estimate = 0.0, False, None
+        self.per_step: dict[int, dict] = {}
+        self.peak, self.polling = 0, False
+
+    def begin(self, run) -> None:               # a step starts
+        self.scoring, self.cuda = 0.0, run.state.model.device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.peak = rss_bytes()
+
+    def end(self, run) -> None:                 # its metrics are in; its evaluation and logging are not
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self.peak
+        self.per_step[run.state.step] = {"scoring": self.scoring, "peak": peak}
+
+    def poll(self) -> None:
+        while self.polling:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def probes_installed():
+    """Wrap the helpers uft.train calls so that a thread's StepProbe sees its run; without one they pass
+    through. No checkpoint and no plot.png are written (the benchmark reads metrics.jsonl only)."""
+    steps, end_step, score = runs.steps, runs.end_step, uft.score
+    load_seeded, memory_estimate = models.load_seeded, common.memory_estimate
+
+    def probed_steps(run, total):
+        for step in steps(run, total):
+            p = probe()
+            if p is not None and p.turn is not None and not p.turn.wait_for_turn():
+                return                          # the benchmark has all the steps it needs
+            if p is not None:
+                p.begin(run)
+            yield step
+
+    def probed_end_step(run, metrics, samples):
+        if probe() is not None:
+            probe().end(run)
+        end_step(run, metrics, samples)
+
+    def probed_score(*args, **kwargs):
+        if probe() is None:
+            return score(*args, **kwargs)
+        value, seconds = timed(lambda: score(*args, **kwargs))
+        probe().scoring += seconds
+        return value
+
+    def probed_load_seeded(args):
+        if probe() is None or probe().loaded is None:
+            return load_seeded(args)
+        random.seed(args.seed)                  # what load_seeded does besides loading
+        torch.manual_seed(args.seed)
+        return probe().loaded
+
+    def probed_memory_estimate(*args, **kwargs):
+        terms = memory_estimate(*args, **kwargs)
+        if probe() is not None:
+            probe().estimate = terms["peak"]
+        return terms
+
+    with mock.patch.object(runs, "steps", probed_steps), mock.patch.object(runs, "end_step", probed_end_step), \
+            mock.patch.object(uft, "score", probed_score), \
+            mock.patch.object(models, "load_seeded", probed_load_seeded), \
+            mock.patch.object(common, "memory_estimate", probed_memory_estimate), \
+            mock.patch.object(runs, "save_checkpoint", lambda run: None), \
+            mock.patch.object(runs, "finish", lambda run: {}):
+        yield
+
+
+def train_probed(args, p: StepProbe) -> list[dict]:
+    """uft.train(args) with probe `p` (inside probes_installed()); its training steps' metrics.jsonl lines, each
+    with the probe's scoring seconds and peak memory of that step, and `sampling` = rollout_tokens /
+    rollout_tokens_per_s (the seconds the loop timed around uft.generate)."""
+    _current.probe = p
+    poller = threading.Thread(target=p.poll, daemon=True) if p.memory else None
+    if poller is not None:
+        p.polling = True
+        poller.start()
+    try:
+        uft.train(args)
+    finally:
+        _current.probe = None
+        if poller is not None:
+            p.polling = False
+            poller.join()
+    lines = [m for m in common.read_jsonl(Path(args.output_dir) / "metrics.jsonl") if m["step"] >= 1]
+    for m in lines:
+        m.update(p.per_step.get(m["step"], {}))
+        m["sampling"] = m["rollout_tokens"] / m["rollout_tokens_per_s"] if m["rollout_tokens_per_s"] else 0.0
+    return lines
+
+
+@contextlib.contextmanager
+def quietly():
+    """uft.train's own output (memory estimate, progress bar, evaluations) held back; shown if it fails."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue()[-4000:])
+        raise
+
+
+class Turn:
+    """A uft.train run in its own thread, one step per `step()` call: the thread waits before each step and
+    hands back after it (and after its end-of-step logging), so its steps interleave with another trainer's."""
+
+    def __init__(self, args):
+        self.args, self.error, self.stopping = args, None, False
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        self.thread = threading.Thread(target=self.main, daemon=True)
+
+    def main(self) -> None:
+        torch.set_num_threads(THREADS)
+        try:
+            self.lines = train_probed(self.args, StepProbe(turn=self))
+        except BaseException as err:            # raised again in the benchmark's thread
+            self.error = err
+        finally:
+            self.done.release()
+
+    def wait_for_turn(self) -> bool:             # in the run's thread: hand back, then wait; False: stop
+        self.done.release()
+        self.go.acquire()
+        return not self.stopping
+
+    def wait(self) -> None:
+        while not self.done.acquire(timeout=1.0):
+            pass
+        if self.error is not None:
+            raise RuntimeError(f"uft.train failed in the benchmark: {self.error!r}") from self.error
+
+    def start(self) -> None:                     # returns when the run is set up, before its first step
+        self.thread.start()
+        self.wait()
+
+    def step(self) -> None:
+        self.go.release()
+        self.wait()
+
+    def stop(self) -> list[dict]:
+        if self.thread.is_alive():
+            self.stopping = True
+            self.go.release()
+            self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"uft.train failed in the benchmark: {self.error!r}") from self.error
+        return self.lines
 
 
 def trl_trainer(builtin_dir: str, args, rows: list[dict], out: Path, callbacks: list):
@@ -573,7 +745,7 @@ def trl_trainer(builtin_dir: str, args, rows: list[dict], out: Path, callbacks: 
 
 
 def bench_step(builtin_dir: str, size: dict, say: Report) -> dict | None:
-    say("", "## Training step: UFT (`uft.training_step`) vs TRL `GRPOTrainer`", "")
+    say("", "## Training step: UFT (`uft.train`) vs TRL `GRPOTrainer`", "")
     if importlib.util.find_spec("trl") is None:
         say("TRL not installed (pip install -r benchmarks/requirements-bench.txt): step comparison skipped")
         return None
@@ -582,61 +754,68 @@ def bench_step(builtin_dir: str, size: dict, say: Report) -> dict | None:
 
 
 def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dict:
-    """Alternate TRL and UFT steps: TRL's trainer drives the loop, a callback runs UFT's step after each of TRL's."""
+    """Alternate TRL and UFT steps: TRL's trainer drives its loop, and a callback lets each uft.train run (in its
+    own thread, paused between steps) take one step after each of TRL's."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    run = uft_run(builtin_dir, tmp / "uft", size["step_flags"])
-    a = run.args
-    # After T_hint the UFT prompt is the bare question, so both trainers see exactly the same prompts per step.
-    first = a.T_hint + 1
-    steps = list(range(first, first + size["steps"] + 1))            # the first is a warm-up for both
-    rows = [run.train_rows[i] for s in steps for i in uft.rows_for_step(len(run.train_rows), a.batch_size, s, a.seed)]
+    n = size["steps"] + 1                                      # the first step is a warm-up for every trainer
     names = ["TRL GRPOTrainer", "UFT (no hint, same prompts)", "UFT (hinted, t=1..)"]
-    times = {name: [] for name in names}
-    generation = {name: [] for name in names}    # seconds of each step spent sampling
-    hinted_step = iter(range(1, len(steps) + 1))
-    lengths = {name: [] for name in names}
+    # --hint_schedule none: prompts are the bare questions (UFT after T_hint), exactly what TRL gets, in order
+    uft_flags = {names[1]: [*size["step_flags"], "--hint_schedule", "none"], names[2]: size["step_flags"]}
+    turns = {name: Turn(uft_args(builtin_dir, tmp / f"uft-{i}", flags, n))
+             for i, (name, flags) in enumerate(uft_flags.items())}
+    a = turns[names[2]].args
+    train_rows = uft.load_rows(a)[0]
+    rows = [train_rows[i] for s in range(1, n + 1) for i in uft.rows_for_step(len(train_rows), a.batch_size, s,
+                                                                            a.seed)]
+    trl_times, trl_sampling, trl_lengths = [], [], []
 
-    def uft_step(step: int, name: str) -> dict:
-        run.step = step
-        metrics, seconds = timed(lambda: uft.training_step(run))
-        times[name].append(seconds)
-        rows_sampled = a.batch_size * a.num_generations
-        generation[name].append(metrics["response_length"] * rows_sampled / metrics["rollout_tokens_per_s"])
-        return metrics
+    def last_line(name: str) -> dict:
+        return common.read_jsonl(Path(turns[name].args.output_dir) / "metrics.jsonl")[-1]
 
     class Interleave(TrainerCallback):
-        """TRL step k is timed from on_step_begin to on_step_end; then UFT's step k runs (outside TRL's timing)."""
+        """TRL step k is timed from on_step_begin to on_step_end; then each UFT run takes its step k (outside
+        TRL's timing; UFT's step_seconds is the loop's own timer)."""
 
         def on_step_begin(self, args, state, control, **kw):
             torch.set_num_threads(THREADS)
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            times[names[0]].append(time.perf_counter() - self.start)
-            generation[names[0]].append(self.generate_seconds)
+            trl_times.append(time.perf_counter() - self.start)
+            trl_sampling.append(self.generate_seconds)
             self.generate_seconds = 0.0
-            lengths[names[0]].append(self.trainer._metrics["train"]["completions/mean_length"][-1])
-            k = len(times[names[0]]) - 1
-            lengths[names[1]].append(uft_step(steps[k], names[1])["response_length"])
-            lengths[names[2]].append(uft_step(next(hinted_step), names[2])["response_length"])
-            print(f"  [step {k}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names) + "]", flush=True)
+            trl_lengths.append(self.trainer._metrics["train"]["completions/mean_length"][-1])
+            for name in names[1:]:
+                turns[name].step()
+            print(f"  [step {len(trl_times) - 1}: {names[0]} {trl_times[-1]:.2f} s, " + ", ".join(
+                f"{name} {last_line(name)['step_seconds']:.2f} s" for name in names[1:]) + "]",
+                file=sys.__stdout__, flush=True)
 
-    interleave = Interleave()
-    trainer = trl_trainer(builtin_dir, a, rows, tmp / "trl", [interleave])
-    interleave.trainer = trainer          # its per-step metrics (completion lengths) live on the trainer
-    interleave.generate_seconds = 0.0
-    generate = trainer.model.generate     # TRL samples with this model's generate: time it
+    with quietly(), probes_installed():
+        interleave = Interleave()
+        trainer = trl_trainer(builtin_dir, a, rows, tmp / "trl", [interleave])
+        interleave.trainer = trainer          # its per-step metrics (completion lengths) live on the trainer
+        interleave.generate_seconds = 0.0
+        generate = trainer.model.generate     # TRL samples with this model's generate: time it
 
-    def timed_generate(*args, **kwargs):
-        out, seconds = timed(lambda: generate(*args, **kwargs))
-        interleave.generate_seconds += seconds
-        return out
-    trainer.model.generate = timed_generate
-    trainer.remove_callback(PrinterCallback)
-    torch.set_num_threads(THREADS)
-    trainer.train()
+        def timed_generate(*args, **kwargs):
+            out, seconds = timed(lambda: generate(*args, **kwargs))
+            interleave.generate_seconds += seconds
+            return out
+        trainer.model.generate = timed_generate
+        trainer.remove_callback(PrinterCallback)
+        for turn in turns.values():           # each run set up (model, rows, base evaluation) before TRL starts
+            turn.start()
+        torch.set_num_threads(THREADS)
+        try:
+            trainer.train()
+        finally:
+            lines = {name: turn.stop() for name, turn in turns.items()}
+    times = {names[0]: trl_times, **{name: [m["step_seconds"] for m in lines[name]] for name in names[1:]}}
+    generation = {names[0]: trl_sampling, **{name: [m["sampling"] for m in lines[name]] for name in names[1:]}}
+    lengths = {names[0]: trl_lengths, **{name: [m["response_length"] for m in lines[name]] for name in names[1:]}}
     measured = {name: statistics.median(t[1:]) for name, t in times.items()}
     sampling = {name: statistics.median(t[1:]) for name, t in generation.items()}
     trl_s = measured[names[0]]
@@ -650,10 +829,13 @@ def step_comparison(builtin_dir: str, tmp: Path, size: dict, say: Report) -> dic
             f"{a.max_completion_length}, beta={a.beta}, epsilon={a.epsilon}, entropy_coef={a.entropy_coef}, "
             f"lr={a.learning_rate}; the same optimizer (torch AdamW + LambdaLR from uft.optimizer_for, handed to "
             "GRPOTrainer(optimizers=...)); TRL loss_type='dapo' (token mean, as uft), no gradient checkpointing; fp32. "
-            "'no hint' runs UFT steps after T_hint, whose prompts are the same questions TRL gets, in the same order; "
-            f"'hinted' runs early UFT steps (hint fraction {uft.hint_fraction(1, a.T_hint, a.p_low, a.p_high):.2f} "
-            "at step 1: longer prompts, shorter completions, + hint NLL). "
-            f"{size['steps']} measured steps each after one warm-up step; TRL and UFT steps alternate.")
+            "UFT steps are `uft.train` runs (each in a thread, paused between steps), timed by the loop itself "
+            "(metrics.jsonl step_seconds; sampling = rollout_tokens / rollout_tokens_per_s). "
+            "'no hint' runs UFT with --hint_schedule none (as after T_hint): its prompts are the same questions "
+            f"TRL gets, in the same order; 'hinted' runs UFT's first steps (hint fraction "
+            f"{uft.hint_fraction(1, a.T_hint, a.p_low, a.p_high):.2f} at step 1: longer prompts, shorter "
+            f"completions, + hint NLL). {size['steps']} measured steps each after one warm-up step; TRL and UFT "
+            "steps alternate.")
     need = trl_s / STEP_SPEEDUP - rest        # sampling seconds that would give the target speed-up
     say("", f"Amdahl: the rest of the step (rewards, policy + reference forward, backward, AdamW) takes {rest:.2f} s "
             f"in UFT and {trl_s - sampling[names[0]]:.2f} s in TRL (UFT runs each group's shared prompt once and cuts "
@@ -677,56 +859,21 @@ def rss_bytes() -> int:
         return 0
 
 
-class PeakRSS:
-    """The peak resident memory of this process while the block runs: a thread reads it every 5 ms."""
-
-    def __enter__(self):
-        self.peak, self.running = rss_bytes(), True
-        self.thread = threading.Thread(target=self.poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def poll(self):
-        while self.running:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-
-def profiled_step(run, step: int) -> dict:
-    """uft.training_step at `step`, split into sampling (uft.generate), scoring (uft.score: the policy's and
-    the reference's forward passes) and update (the rest: rewards, loss, backward, AdamW); peak memory in
-    bytes (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS during the step)."""
-    spent = {"sampling": 0.0, "scoring": 0.0}
-
-    def clock(part, fn):
-        def clocked(*args, **kwargs):
-            value, seconds = timed(lambda: fn(*args, **kwargs))
-            spent[part] += seconds
-            return value
-        return clocked
-    cuda = run.model.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    run.step = step
-    with mock.patch.object(uft, "generate", clock("sampling", uft.generate)), \
-            mock.patch.object(uft, "score", clock("scoring", uft.score)), PeakRSS() as rss:
-        metrics, seconds = timed(lambda: uft.training_step(run))
-    return {"step": seconds, **spent, "update": seconds - sum(spent.values()),
-            "peak": torch.cuda.max_memory_allocated() if cuda else rss.peak,
-            "tokens": metrics["rollout_tokens"]}
-
-
-def step_rows(run, steps: int) -> dict:
-    """Medians of `steps` profiled steps (t = 2, 3, ...) after a warm-up step (t = 1); peak: the largest."""
-    profiled_step(run, 1)
-    results = [profiled_step(run, t) for t in range(2, steps + 2)]
+def step_rows(model_dir: str, out: Path, flags: list[str], steps: int, loaded=None) -> dict:
+    """`uft.train` for 1 + `steps` steps: medians of the steps after the first (a warm-up), each split into
+    sampling (uft.generate, as the loop timed it), scoring (uft.score: the policy's and the reference's forward
+    passes) and update (the rest: rewards, loss, backward, AdamW); peak: the largest step's peak memory in bytes
+    (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS during the step); estimate: the memory
+    estimate the run printed at its start (common.memory_estimate); args: the run's flags."""
+    args = uft_args(model_dir, out, flags, steps + 1)
+    p = StepProbe(loaded=loaded, memory=True)
+    with quietly(), probes_installed():
+        lines = train_probed(args, p)[1:]
+    results = [{"step": m["step_seconds"], "sampling": m["sampling"], "scoring": m["scoring"],
+                "update": m["step_seconds"] - m["sampling"] - m["scoring"], "tokens": m["rollout_tokens"]}
+               for m in lines]
     summary = {k: statistics.median(r[k] for r in results) for k in results[0]}
-    summary["peak"] = max(r["peak"] for r in results)
-    return summary
+    return {**summary, "peak": max(m["peak"] for m in lines), "estimate": p.estimate, "args": args}
 
 
 def bench_real_step(label: str, model_dir: str, loaded, flags: list[str], steps: int, say: Report) -> None:
@@ -738,22 +885,22 @@ def bench_real_step(label: str, model_dir: str, loaded, flags: list[str], steps:
         for dtype in ("float32", "bfloat16"):
             model = base if dtype == "float32" else copy.deepcopy(base).to(torch.bfloat16)
             start = time.perf_counter()
-            run = uft_run(model_dir, Path(tmp) / dtype, [*flags, "--dtype", dtype], loaded=(model, tok))
-            s = step_rows(run, steps)
+            s = step_rows(model_dir, Path(tmp) / dtype, [*flags, "--dtype", dtype], steps, loaded=(model, tok))
             rows.append([dtype, s["step"], s["sampling"], s["scoring"], s["update"], f"{s['tokens']:.0f}",
                          f"{s['peak'] / 1e9:.2f} GB"])
             print(f"  [{label} {dtype}: {time.perf_counter() - start:.0f} s]", flush=True)
-            a = run.args
-            del run, model
+            a = s["args"]
+            del model
     say(*table(["dtype", "s/step", "sampling s", "scoring s", "update s", "tokens sampled", "peak RSS in step"],
                rows))
     say("", f"{a.batch_size} prompts x G={a.num_generations}, max_completion_length={a.max_completion_length}, "
             f"micro_batch_size={a.micro_batch_size}, T_hint={a.T_hint} (hinted steps), beta={a.beta}: "
-            f"{' '.join(flags)}. Medians of {steps} step(s) after a warm-up step. sampling = uft.generate; "
-            "scoring = uft.score (the policy's and the reference's forward passes); update = the rest (rewards, "
-            "loss, backward, AdamW). Peak RSS = the whole process (both models, AdamW state, the benchmark's "
-            "other models) at its highest during the step. bfloat16 = the float32 weights cast; the reference "
-            "and AdamW state follow the weights' dtype.")
+            f"{' '.join(flags)}. A `uft.train` run: medians of {steps} step(s) after a warm-up step, s/step = "
+            "its metrics.jsonl step_seconds. sampling = uft.generate as the loop timed it (rollout_tokens / "
+            "rollout_tokens_per_s); scoring = uft.score (the policy's and the reference's forward passes); "
+            "update = the rest (rewards, loss, backward, AdamW). Peak RSS = the whole process (both models, "
+            "AdamW state, the benchmark's other models) at its highest during the step. bfloat16 = the float32 "
+            "weights cast; the reference and AdamW state follow the weights' dtype.")
 
 
 SHAPES = {   # published configs (config.json of each hub model); random weights, nothing downloaded
@@ -775,7 +922,7 @@ SHAPE_WORK = {
 
 class ByteTokenizer:
     """Text <-> ids for a randomly initialised model: byte b is id b + 2 (0 = pad, 1 = EOS); ids past 257
-    decode to nothing. All that uft.generate and uft.training_step read of a tokenizer."""
+    decode to nothing. All that uft.train (sampler, rewards, evaluation, memory estimate) reads of a tokenizer."""
     pad_token_id, eos_token_id = 0, 1
 
     def __init__(self, vocab: int):
@@ -803,21 +950,6 @@ def random_model(shape: str, device: str):
     return model, ByteTokenizer(config.vocab_size)
 
 
-def estimated_peak(run) -> int:
-    """common.memory_estimate for this run on one device: what `python uft.py` prints at its start."""
-    a, tok = run.args, run.tokenizer
-    longest = lambda texts: max(len(tok(t)["input_ids"]) for t in texts)  # noqa: E731
-    question = longest([r["question"] for r in run.train_rows[:200]])
-    hint = longest(["".join(r["hint"]) for r in run.train_rows[:200]])
-    rows_per_pass = max(1, a.micro_batch_size // a.num_generations) * a.num_generations
-    terms = common.memory_estimate(
-        common.model_shape(run.model), weight_bytes=2, activation_bytes=2, rows_per_pass=rows_per_pass,
-        tokens_per_row=question + hint + a.max_completion_length, scored_per_row=hint + a.max_completion_length,
-        rollout_rows=a.batch_size * a.num_generations, rollout_tokens=question + hint + a.max_completion_length,
-        reference=a.beta > 0, gradient_checkpointing=False)
-    return terms["peak"]
-
-
 def bench_shapes(shapes: list[str], device: str, reps: int, say: Report) -> None:
     """Sampler vs model.generate and one UFT step on randomly initialised models of published shapes."""
     say("", f"## Model shapes on {device}: random weights, bfloat16", "")
@@ -829,17 +961,16 @@ def bench_shapes(shapes: list[str], device: str, reps: int, say: Report) -> None
             model, tok = random_model(shape, device)
             prompts = [tok(r["question"])["input_ids"] for r in uft.countdown_split(16, P, seed=0)[1]]
             s = sampler_vs_generate(model, tok, prompts, G=G, new_tokens=new, reps=reps)
-            run = uft_run("random", Path(tmp) / shape, [*flags, "--dtype", "bfloat16", "--device", device],
-                          loaded=(model, tok))
-            step = step_rows(run, 1)
+            step = step_rows("random", Path(tmp) / shape, [*flags, "--dtype", "bfloat16", "--device", device], 1,
+                             loaded=(model, tok))
             unit = "GPU" if device == "cuda" else "RSS"
             rows.append([shape, f"{sum(p.numel() for p in model.parameters()) / 1e6:,.0f}M", f"{P}x{G}x{new}",
                          s["uft.generate"]["tokens_per_s"], s["model.generate"]["tokens_per_s"],
                          as_speedup(s["ratio"]), step["step"], step["sampling"], step["scoring"], step["update"],
-                         f"{step['peak'] / 1e9:.2f} GB ({unit})", f"{estimated_peak(run) / 1e9:.2f} GB"])
+                         f"{step['peak'] / 1e9:.2f} GB ({unit})", f"{step['estimate'] / 1e9:.2f} GB"])
             print(f"  [{shape}: {time.perf_counter() - start:.0f} s]", flush=True)
-            a = run.args
-            del run, model
+            a = step["args"]
+            del model
             if device == "cuda":
                 torch.cuda.empty_cache()
     say(*table(["shape", "params", "sampler P x G x new", "uft tok/s", "generate tok/s", "ratio", "UFT s/step",

@@ -22,7 +22,7 @@ TABLES = [
     "| plain draw tok/s",                           # the one-log-softmax ablation
     "## KV cache vs no cache",
     "| DynamicCache ms/token",                      # the preallocated-cache ablation
-    "## Training step: UFT (`uft.training_step`) vs TRL `GRPOTrainer`",
+    "## Training step: UFT (`uft.train`) vs TRL `GRPOTrainer`",
     "| TRL GRPOTrainer ",                           # the TRL step row
     "## UFT step on a real model",
     "| scoring s",
