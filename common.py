@@ -288,9 +288,21 @@ def init_distributed(device: str = "auto") -> None:
 
 
 def close_distributed() -> None:
+    """Leave the job, once every rank is done: a rank that destroys its gloo process group while another still
+    works (rank 0 writing the plot) can abort in C++ ("terminate called without an active exception", SIGABRT),
+    and the launcher then reports a finished job as failed. The wait is at most a minute (a rank that failed
+    never comes)."""
+    import datetime
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
     DP.rank, DP.world_size = 0, 1
 
