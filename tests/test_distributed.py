@@ -176,9 +176,9 @@ def test_resume_under_two_ranks_continues_each_rank_stream(two_ranks):
     Exact equality holds by construction: each rank computes in one thread, in the same order in both runs
     (the resumed ranks get back their own sampling streams, the optimizer and the schedule), and the gradient
     all-reduce adds two addends, which floating point adds in either order to the same bits. (This test used to
-    edit config.json to extend a 2-step run, which --resume now refuses. Its failures were not in the numbers:
+    edit config.json to extend a 2-step run, which --resume now refuses. The failure caught here was not in the numbers:
     rank 1, done first, destroyed its process group while rank 0 still wrote the plot, and gloo aborted rank 1
-    (SIGABRT) about one run in ten; `common.close_distributed` now waits for every rank. A port another
+    (SIGABRT; once in 26 runs here); `common.close_distributed` now waits for every rank. A port another
     process takes before rank 0 listens on it is retried in `run_two_ranks`.)"""
     whole, split = two_ranks / "whole", two_ranks / "split"
     state = torch.load(split / "checkpoint" / "trainer_state.pt", weights_only=False)
