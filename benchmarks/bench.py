@@ -1049,6 +1049,8 @@ def main(argv=None) -> int:
         p.error("--device cuda: no GPU visible to torch")
     out = Path(args.out) if args.out else None if args.quick else \
         HERE / ("results-cuda.md" if args.device == "cuda" else "results.md")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)      # --out may name a folder not made yet
     quiet()
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
