@@ -927,3 +927,9 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     import warnings          # a step whose updates were all skipped (--skip_silent_updates) still advances
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+
+
+def argparse_copy(args, **changes):
+    """A copy of parsed flags with some values changed."""
+    import argparse
+    return argparse.Namespace(**{**vars(args), **changes})

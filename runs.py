@@ -372,7 +372,7 @@ def evaluate_only(args) -> dict:
         test_rows = uft.read_rows(args, args.test_data or args.data,
                                   args.test_split if args.test_data else args.data_split)[: args.num_test]
     else:                                  # the built-in split's held-out side (it ignores num_train)
-        test_rows = uft.load_rows(uft.argparse_copy(args, num_train=1))[2]
+        test_rows = uft.load_rows(common.argparse_copy(args, num_train=1))[2]
     if not test_rows:
         raise UserError(f"--eval_only: no held-out rows with a reward in {args.test_data or args.data}")
     if common.is_main():

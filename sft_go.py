@@ -66,7 +66,7 @@ def load_rows(args) -> tuple[list[dict], list[dict]]:
     """(train, test) rows: uft's built-in split (countdown, kk) as prompt/response rows, or --data (and
     --test_data) files."""
     if args.data in tasks.GENERATED:
-        train, _, test = uft.load_rows(uft.argparse_copy(args, num_val=0))
+        train, _, test = uft.load_rows(common.argparse_copy(args, num_val=0))
         return [as_sft_row(r) for r in train], [as_sft_row(r) for r in test]
     rows = load_sft_rows(args.data)
     if args.test_data:
@@ -559,7 +559,7 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
     sums, counts = common.all_reduce_sum(sums), common.all_reduce_sum(counts)     # every process's rows
     mean = (sums / counts.clamp(min=1)).tolist()
     metrics = {"eval_loss_unimportant": mean[0], "eval_loss_important": mean[1], "eval_ce": mean[2]}
-    if all(has_reward(r) for r in test):                   # a task's rows (countdown, K&K): greedy answers
+    if all(tasks.has_reward(r) for r in test):                   # a task's rows (countdown, K&K): greedy answers
         m, _ = uft.evaluate(run.model, run.tokenizer, test, run.args.max_completion_length,
                             run.args.eval_batch_size, progress=progress)
         rewards = m.pop("rewards")
@@ -568,12 +568,6 @@ def held_out(run: GoRun, progress: bool = False) -> dict:
                          {"step": run.step, "split": "eval", "rewards": rewards})
         metrics.update({f"eval_{k}": v for k, v in m.items()})
     return metrics
-
-
-def has_reward(row: dict) -> bool:
-    """Whether a row can be scored: its task (tasks.task_of) has one and the row has what it reads."""
-    name = tasks.task_of(row)
-    return name is not None and {"question", *tasks.TASKS[name].sample_fields} <= row.keys()
 
 
 def write_samples_html(run: GoRun, path: Path, num_samples: int = 6) -> Path:

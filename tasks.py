@@ -141,6 +141,12 @@ def accuracy_by_source(rows: list[dict], rewards: list[float]) -> dict[str, floa
     return {source: sum(h) / len(h) for source, h in hits.items()}
 
 
+def has_reward(row: dict) -> bool:
+    """Whether a row can be scored: its task (task_of) has one and the row has what it reads."""
+    name = task_of(row)
+    return name is not None and {"question", *TASKS[name].sample_fields} <= row.keys()
+
+
 def reward(row: dict, text: str, task: str = "countdown") -> float:
     """The reward of prompt + completion `text` under the row's task (task_of; an unknown source: `task`)."""
     return TASKS[task_of(row, task) or task].reward(row, text)

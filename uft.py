@@ -1152,12 +1152,6 @@ def parse_args(argv=None):
 
 
 
-def argparse_copy(args, **changes):
-    """A copy of parsed flags with some values changed."""
-    import argparse
-    return argparse.Namespace(**{**vars(args), **changes})
-
-
 def check_world(args) -> None:
     """Under torchrun every rank takes an equal share of each optimizer update's prompts."""
     world = common.DP.world_size
