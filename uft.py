@@ -740,12 +740,11 @@ def rl_update(state: State, batch: Batch, a, vocab: int, use_hint_nll: bool) -> 
             part, old = mini.rows(index), None if old_logp is None else old_logp[update][index]
             loss, stats = rl_micro_step(state.model, state.ref, part, old, n_response, n_hint, a, vocab,
                                         use_hint_nll)
-            backward(loss, state.step)
+            if not silent:                   # a silent update is scored (its terms are logged), not stepped
+                backward(loss, state.step)
             for k, v in {**stats, "loss": loss.item()}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(updates)
-        if silent:
-            state.optimizer.zero_grad(set_to_none=True)
-            skipped += 1
+        skipped += silent
         norms.append(0.0 if silent else optimizer_step(state.model, state.optimizer, a.max_grad_norm))
     totals = {k: common.total(v) for k, v in totals.items()}    # each process's share of the token means
     return {**totals, "grad_norm": sum(norms) / len(norms), "updates": len(updates) - skipped}
