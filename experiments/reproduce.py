@@ -217,14 +217,14 @@ def run_one(cmd: list[str], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    start = time.time()
+    start, made_at = time.time(), machine()    # the checkout as the run starts (it imports the code then)
     with open(out / "log.txt", "a") as log:
         code = (in_process(cmd, env, log) if in_worker else
                 subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     if code != 0:
         return f"FAILED ({code}) {out}: see {out / 'log.txt'}"
     done = {"command": " ".join(Path(c).name if c == sys.executable else c for c in cmd),
-            "seconds": time.time() - start, **machine()}
+            "seconds": time.time() - start, **made_at}
     (out / "done.json").write_text(json.dumps(done, indent=2))
     shutil.rmtree(out / "checkpoint", ignore_errors=True)   # 5-15 MB each; the metrics are what is kept
     return f"done {out} in {done['seconds'] / 60:.1f} min"
@@ -599,7 +599,8 @@ def report(grid: str, seeds) -> Path:
              f". Each run: `python {g.get('script', 'uft.py')} "
              f"{' '.join(g.get('common', COMMON) + g['flags'])} <cell flags> --seed S`.", "",
              f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread per run; torch "
-             f"{info['torch']}, transformers {info['transformers']}; runs made at commit(s) "
+             f"{info['torch']}, transformers {info['transformers']}; commit(s) recorded in the runs' done.json "
+             f"(an in-process sweep's workers keep the code loaded when the sweep started): "
              f"{', '.join(commits)}.",
              f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} "
              f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs.", "",
