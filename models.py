@@ -16,7 +16,7 @@ import torch
 
 import common
 import tasks
-from common import build_tokenizer, make_optimizer, rows_for_step, save_model, tiny_llama_config
+from common import UserError, build_tokenizer, make_optimizer, rows_for_step, save_model, tiny_llama_config
 from tasks import generate_countdown
 
 BUILTIN = "builtin"  # the --model value that selects the small model built in code (no download)
@@ -154,3 +154,16 @@ def load_token_classifier(name: str, label: int, trust_remote_code: bool = False
         raise common.UserError(f"--classifier_label {label}: the classifier has "
                                f"{classifier.config.num_labels} labels ({classifier.config.id2label})")
     return classifier, tokenizer
+
+
+def chat_rows(rows: list[dict], tokenizer, model: str, keys: tuple = ("question",)) -> list[dict]:
+    """--chat_template: each row's prompts (its fields among `keys`) wrapped in the tokenizer's chat template
+    as the user turn, the released assistant opening after the generation prompt (tasks.chat_question)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--chat_template: the tokenizer of --model {model} has no chat template (instruct "
+                        "models have one; drop the flag for a base model)")
+
+    def wrap(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return [{**row, **{k: tasks.chat_question(row[k], wrap) for k in keys if isinstance(row.get(k), str)}}
+            for row in rows]

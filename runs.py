@@ -65,6 +65,9 @@ def start(args) -> Run:
         args.run_id = common.claim_run_folder(out, args.overwrite, guards.inputs(args))
     train_rows, val_rows, test_rows = uft.load_rows(args)
     model, tok = models.load_seeded(args)
+    if args.chat_template:
+        train_rows, val_rows, test_rows = (models.chat_rows(rows, tok, args.model)
+                                           for rows in (train_rows, val_rows, test_rows))
     ref = reference(args, model, out / "checkpoint" if resuming else None)
     if resuming:
         model = uft.load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
@@ -382,6 +385,8 @@ def evaluate_only(args) -> dict:
     with common.main_rank_first():
         model, tok = uft.load_model(name, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
                                     trust_remote_code=args.trust_remote_code)
+    if args.chat_template:
+        test_rows = models.chat_rows(test_rows, tok, args.model)
     view = types.SimpleNamespace(args=args, tokenizer=tok, val_rows=[], out=out,
                                  state=types.SimpleNamespace(model=model, step=0))   # what evaluate_run reads
     cache = {}

@@ -610,6 +610,8 @@ def setup(args, rows: dict) -> GoRun:
     """Load the model, encode the rows, score tokens, build the reference; a fresh run folder."""
     model, tok = models.load_seeded(args)
     common.broadcast_parameters(model)       # every process starts from process 0's weights
+    if args.chat_template:
+        rows = {s: models.chat_rows(rows[s], tok, args.model, ("prompt", "question")) for s in rows}
     grouping, _ = grouping_of(args)
     words = grouping == "classifier" or (grouping == "tfidf" and args.tfidf_unit == "word")
     if words:

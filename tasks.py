@@ -224,6 +224,64 @@ def extract_answer(text: str) -> str | None:
     return None if part is None else last_answer_tag(part[part.rfind("\n") + 1:])
 
 
+# --- prompts for instruct models: the chat template (--chat_template), the short countdown prompt ---------
+
+def split_prompt(question: str) -> tuple[str, str]:
+    """(the user's words, the assistant's opening) of a released prompt: the text before the last
+    "Assistant:" without the system preamble (CONVERSATION) and its "User: ", and what follows it. A prompt
+    without "Assistant:" is all user words.
+
+    >>> split_prompt(CONVERSATION + "User: 2 + 2?\\nAssistant: Let me think.\\n<think> ")
+    ('2 + 2?', 'Let me think.\\n<think> ')
+    """
+    at = question.rfind(ASSISTANT_MARKERS[0])
+    if at < 0:
+        return question, ""
+    user = question[:at].removeprefix(CONVERSATION).strip()
+    return user.removeprefix("User:").strip(), question[at + len(ASSISTANT_MARKERS[0]):].lstrip(" ")
+
+
+def chat_question(question: str, apply_template: Callable[[list[dict]], str]) -> str:
+    """The prompt in a chat template: the user's words as the user turn, then the generation prompt, then the
+    assistant's opening, so hints continue the assistant's turn. The rewards find the answer after the
+    template's "<|im_start|>assistant" (assistant_part), as the released scorers do.
+    apply_template: messages -> text, e.g. the tokenizer's apply_chat_template(..., add_generation_prompt=True,
+    tokenize=False)."""
+    user, opening = split_prompt(question)
+    return apply_template([{"role": "user", "content": user}]) + opening
+
+
+SHORT_COUNTDOWN = (  # --prompt_style short: the released prompt without its preamble, for small instruct models
+    "User: Using the numbers {nums}, create an equation that equals {target}. Use + - * / and each number "
+    "once. Think in <think> </think> tags, then give the equation in <answer> </answer> tags.\n" +
+    "{opening}")
+
+
+def short_question(row: dict) -> str:
+    """A countdown row's short prompt (SHORT_COUNTDOWN): the numbers as "4, 7 and 9", the released opening.
+
+    >>> short_question({"nums": [4, 7, 9], "target": 19}).split("\\n")[0][:48]
+    'User: Using the numbers 4, 7, and 9, create an e'
+    """
+    return SHORT_COUNTDOWN.format(nums=english_list([str(int(x)) for x in row["nums"]]),
+                                  target=int(row["target"]), opening=ASSISTANT_START)
+
+
+
+PROMPT_STYLES = ("released", "short")  # --prompt_style; short rewrites countdown questions only
+
+
+def restyle(rows: list[dict], style: str = "released") -> list[dict]:
+    """--prompt_style: 'released' keeps the rows' questions; 'short' gives countdown rows short_question
+    (answers, hints and rewards unchanged). A row of another task is a ValueError naming it."""
+    if style == "released":
+        return rows
+    for i, row in enumerate(rows):
+        if task_of(row) != "countdown":
+            raise ValueError(f"--prompt_style {style}: countdown rows only (row {i} is "
+                             f"{task_of(row) or 'of an unknown task'})")
+    return [{**row, "question": short_question(row)} for row in rows]
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading data through `datasets`: files, save_to_disk folders, Hub datasets; row checks shared by the tasks
 # ----------------------------------------------------------------------------------------------------------

@@ -886,8 +886,16 @@ def read_rows(args, files: str, split: str = "train") -> list[dict]:
 
 
 def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, validation, test) rows: a built-in split (countdown, kk), or --data / --test_data files of the
-    released schema (no validation rows)."""
+    """(train, validation, test) rows: a built-in split (countdown, kk, tree), or --data / --test_data files of
+    the released schema (no validation rows); countdown questions in --prompt_style."""
+    try:
+        return tuple(tasks.restyle(rows, getattr(args, "prompt_style", "released")) for rows in unstyled_rows(args))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def unstyled_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
+    """load_rows before --prompt_style."""
     if args.data == "countdown":
         split = dict(seed=args.seed, min_nums=args.min_nums, max_nums=args.max_nums)
         train, test = countdown_split(args.num_train, args.num_test, **split)
@@ -921,6 +929,12 @@ MODEL_FLAGS = [
     ("dtype", "float32", "weights and compute dtype", {"choices": list(DTYPES)}),
     ("device", "auto", "where to train", {"choices": ["auto", "cpu", "cuda", "mps"]}),
     ("trust_remote_code", False, "allow model code from the hub", {"action": "store_true"}),
+    ("chat_template", False, "wrap each question in the tokenizer's chat template (instruct models): the user "
+                             "turn, then the released 'Assistant:' opening and any hint in the assistant turn",
+     {"action": "store_true"}),
+    ("prompt_style", "released", "countdown questions: 'released' (the paper's prompt, for base models) or "
+                                 "'short' (no preamble; for small instruct models)",
+     {"choices": list(tasks.PROMPT_STYLES)}),
 ]
 FLAGS = {
     "algorithm": [
