@@ -163,7 +163,8 @@ def answer_pieces(row: dict, key: str = "answer") -> list[str]:
     """
     hint, answer = row.get("hint"), row[key]
     if isinstance(hint, list) and hint and answer.startswith("".join(hint)):
-        return list(hint) + [answer[len("".join(hint)):]]
+        tail = answer[len("".join(hint)):]
+        return list(hint) + ([tail] if tail else [])
     return [answer]
 
 
@@ -272,15 +273,17 @@ PROMPT_STYLES = ("released", "short")  # --prompt_style; short rewrites countdow
 
 
 def restyle(rows: list[dict], style: str = "released") -> list[dict]:
-    """--prompt_style: 'released' keeps the rows' questions; 'short' gives countdown rows short_question
-    (answers, hints and rewards unchanged). A row of another task is a ValueError naming it."""
+    """--prompt_style: 'released' keeps the rows; 'short' gives countdown rows short_question and makes the
+    answer's closing tags (`</think>` and the answer tag) a last hint fragment, so that hints can show a model
+    that never writes the tags how an answer ends (released hints hold the reasoning only). Answers and rewards
+    are unchanged. A row of another task is a ValueError naming it."""
     if style == "released":
         return rows
     for i, row in enumerate(rows):
         if task_of(row) != "countdown":
             raise ValueError(f"--prompt_style {style}: countdown rows only (row {i} is "
                              f"{task_of(row) or 'of an unknown task'})")
-    return [{**row, "question": short_question(row)} for row in rows]
+    return [{**row, "question": short_question(row), "hint": answer_pieces(row)} for row in rows]
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading data through `datasets`: files, save_to_disk folders, Hub datasets; row checks shared by the tasks

@@ -678,6 +678,8 @@ def rollout_stats(rewards: torch.Tensor, out: Rollout, G: int, hint_shown: float
     grouped = rewards.view(-1, G)                                                   # (B, G)
     return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "train_accuracy": float((rewards == 1.0).float().mean()),
+            "train_format_rate": float((rewards > 0).float().mean()),                   # an answer found
+            "formatted_groups": float((grouped > 0).any(-1).float().mean()),            # >= 1 with one
             "zero_std_groups": float((grouped == grouped[:, :1]).all(-1).float().mean()),   # A = 0
             "solved_groups": float((grouped == REWARD_CORRECT).any(-1).float().mean()),   # >= 1 correct
             "hint_fraction": hint_shown, "hint_fraction_drawn": drawn,

