@@ -39,3 +39,20 @@ def test_pooled_comparison_pairs_seed_by_seed():
     ours = [{"test_rewards": [[1.0, 1.0, 1.0]]}, {"test_rewards": [[1.0, 0.1]]}]
     c = reproduce.pooled_comparison(base, ours)
     assert (c["n"], c["wins"], c["losses"]) == (5, 3, 0) and abs(c["gain"] - 0.6) < 1e-9
+
+
+def test_format_table_shows_base_and_final_and_averages_rl_steps_only():
+    def run(final_format, rewards):
+        rl = [{"phase": "rl", "reward_mean": r, "train_format_rate": r, "formatted_groups": 1.0,
+               "solved_groups": 0.0, "step_seconds": 10.0} for r in rewards]
+        evals = [{"eval_accuracy": 0.0, "eval_format_rate": 0.0},
+                 {"eval_accuracy": 0.25, "eval_format_rate": final_format}]
+        return {"metrics": [{"phase": "sft", "step_seconds": 30.0}] + rl, "evals": evals}
+    lines = reproduce.format_table({"uft": [run(0.5, [0.2, 0.4]), run(0.7, [0.4, 0.6])], "rft": [None]})
+    assert len(lines) == 3                                   # header, rule, one finished cell
+    row = lines[2].split(" | ")
+    assert row[0] == "| uft" and row[1] == "2"
+    assert row[2] == "0.000 ± 0.000 → **0.250 ± 0.000**"
+    assert row[3] == "0.000 ± 0.000 → **0.600 ± 0.141**"
+    assert row[4] == "0.40 ± 0.14"                          # per-seed means over RL steps 0.3 and 0.5
+    assert row[-1] == "10 |"                                # the median over every step, the SFT one too
