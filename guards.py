@@ -139,15 +139,20 @@ DATA_FLAGS = ("data", "test_data")                     # flags that may name dat
 EXTRA_KEYS = {"run_id": (str, type(None)), "data_files": (dict,)}   # keys of config.json that are not flags
 
 
-def write_config(folder: Path, config: dict) -> None:
-    """config.json, replaced at once (a kill leaves the old file or the new one, never half of one)."""
-    path = Path(folder) / "config.json"
-    tmp = path.with_name(f"config.json.tmp-{os.getpid()}")
+def write_json(path: Path, data: dict) -> None:
+    """A JSON file replaced at once (a kill leaves the old file or the new one, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(config, indent=2))
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """config.json, replaced at once."""
+    write_json(Path(folder) / "config.json", config)
 
 
 def write_record(checkpoint: Path, config: dict) -> None:

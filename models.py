@@ -7,6 +7,7 @@ answer format by a short SFT warm-up, built once and cached) and any other model
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -115,8 +116,9 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
         bar.set_postfix(nll=f"{metrics['loss']:.3f}")
         scheduler.step()
 
-    def write_recipe(tmp: Path):
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    def write_recipe(tmp: Path):            # the thread count changes the weights (reductions round differently)
+        built = {**recipe, "built_with_threads": torch.get_num_threads()}
+        (tmp / "recipe.json").write_text(json.dumps(built, indent=2))
     save_model(model, tok, folder, more=write_recipe)
     return folder
 
@@ -167,3 +169,26 @@ def chat_rows(rows: list[dict], tokenizer, model: str, keys: tuple = ("question"
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return [{**row, **{k: tasks.chat_question(row[k], wrap) for k in keys if isinstance(row.get(k), str)}}
             for row in rows]
+
+
+def weights_digest(model) -> str:
+    """sha256 over the parameters' names and bytes, in order: two builds of one recipe on two machines (or
+    thread counts) differ here even when their recipes match."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_record(args, model, cache_dir: Path = DEFAULT_CACHE) -> dict:
+    """base.json of a run folder: the model a run started from (--model, --gguf_file), a built-in base's
+    recipe with the thread count it was built with, and a hash of the weights as loaded."""
+    record = {"model": args.model, "gguf_file": args.gguf_file, "weights_sha256": weights_digest(model)}
+    if args.model in BASE_RECIPES:
+        recipe = BASE_RECIPES[args.model]
+        folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
+        saved = folder / "recipe.json"
+        record["recipe"] = json.loads(saved.read_text()) if saved.exists() else recipe
+        record["recipe"].setdefault("built_with_threads", None)       # built before the count was recorded
+    return record

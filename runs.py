@@ -73,6 +73,8 @@ def start(args) -> Run:
         model = uft.load_model(str(out / "checkpoint"), dtype=args.dtype, device=args.device)[0]
     if common.is_main():
         write_config(out, args)
+        if not resuming:
+            guards.write_json(out / "base.json", models.base_record(args, model))
         print(memory_report(args, model, tok, train_rows))
     common.broadcast_parameters(model)       # every process starts from process 0's weights
     run = Run(args=args, tokenizer=tok, state=new_state(args, model, ref), train_rows=train_rows,

@@ -627,6 +627,7 @@ def setup(args, rows: dict) -> GoRun:
             args.run_id = common.claim_run_folder(out, getattr(args, "overwrite", False), guards.inputs(args),
                                                   resumable=False)
         runs.write_config(out, args)
+        guards.write_json(out / "base.json", models.base_record(args, model))
     optimizer, scheduler = make_optimizer(model, args.learning_rate, args.weight_decay, args.warmup_ratio,
                                           args.T, args.lr_scheduler)
     return GoRun(args, model, tok, optimizer, scheduler, rows, enc, scores, ref, out)

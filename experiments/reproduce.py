@@ -45,7 +45,7 @@ THEOREM_METHODS = {        # the settings chosen on validation trees (grid `spar
     "uft-paper": ["--algo", "uft"],                       # without the remedy, as the paper's algorithm runs
     "hints": ["--algo", "uft", "--sft_loss_coef", "0", "--skip_silent_updates"],
     "r3": ["--algo", "r3", "--skip_silent_updates"], "rft": ["--algo", "rft", "--skip_silent_updates"]}
-KEPT = ("config.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # committed; checkpoints are not
+KEPT = ("config.json", "base.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # no checkpoints
 
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
 COMMON = ["--num_val", "200", "--eval_steps", "50", "--save_steps", "25"]

@@ -295,3 +295,32 @@ def test_sft_go_reference_cache_key_follows_the_training_data(tokenizer, tmp_pat
     assert before != reference_key(tokenizer, ["--data", str(data)], tasks.load_sft_rows(str(data))[4:])
     assert before != reference_key(tokenizer, ["--data", str(data), "--micro_batch_size", "8"],
                                    tasks.load_sft_rows(str(data))[4:])
+
+
+def test_a_run_records_the_weights_it_started_from(tiny_dir, tmp_path):
+    import models
+    import uft
+    from conftest import uft_flags
+    out = tmp_path / "run"
+    assert uft.main(uft_flags(tiny_dir, out)) == 0
+    base = json.loads((out / "base.json").read_text())
+    model = uft.load_model(str(tiny_dir), device="cpu")[0]
+    assert base["model"] == str(tiny_dir) and base["weights_sha256"] == models.weights_digest(model)
+    trained = uft.load_model(str(out / "checkpoint"), device="cpu")[0]
+    assert models.weights_digest(trained) != base["weights_sha256"]
+
+
+def test_a_built_in_base_is_recorded_with_its_recipe_and_thread_count(tiny_dir, tmp_path):
+    import argparse
+    import models
+    import uft
+    recipe = models.BASE_RECIPES["builtin"]
+    folder = tmp_path / f"{recipe['name']}-v{recipe['version']}" / "base"
+    folder.mkdir(parents=True)
+    (folder / "recipe.json").write_text(json.dumps({**recipe, "built_with_threads": 2}))
+    model = uft.load_model(str(tiny_dir), device="cpu")[0]
+    args = argparse.Namespace(model="builtin", gguf_file=None)
+    record = models.base_record(args, model, cache_dir=tmp_path)
+    assert record["recipe"]["built_with_threads"] == 2 and record["recipe"]["steps"] == recipe["steps"]
+    (folder / "recipe.json").write_text(json.dumps(recipe))                 # built before the count was kept
+    assert models.base_record(args, model, cache_dir=tmp_path)["recipe"]["built_with_threads"] is None
