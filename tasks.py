@@ -259,14 +259,13 @@ SHORT_COUNTDOWN = (  # --prompt_style short: the released prompt without its pre
 
 
 def short_question(row: dict) -> str:
-    """A countdown row's short prompt (SHORT_COUNTDOWN): the numbers as "4, 7 and 9", the released opening.
+    """A countdown row's short prompt (SHORT_COUNTDOWN): the numbers as "4, 7, and 9", the released opening.
 
     >>> short_question({"nums": [4, 7, 9], "target": 19}).split("\\n")[0][:48]
     'User: Using the numbers 4, 7, and 9, create an e'
     """
     return SHORT_COUNTDOWN.format(nums=english_list([str(int(x)) for x in row["nums"]]),
                                   target=int(row["target"]), opening=ASSISTANT_START)
-
 
 
 PROMPT_STYLES = ("released", "short")  # --prompt_style; short rewrites countdown questions only
@@ -284,6 +283,7 @@ def restyle(rows: list[dict], style: str = "released") -> list[dict]:
             raise ValueError(f"--prompt_style {style}: countdown rows only (row {i} is "
                              f"{task_of(row) or 'of an unknown task'})")
     return [{**row, "question": short_question(row), "hint": answer_pieces(row)} for row in rows]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading data through `datasets`: files, save_to_disk folders, Hub datasets; row checks shared by the tasks

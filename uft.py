@@ -890,8 +890,9 @@ def read_rows(args, files: str, split: str = "train") -> list[dict]:
 def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation, test) rows: a built-in split (countdown, kk, tree), or --data / --test_data files of
     the released schema (no validation rows); countdown questions in --prompt_style."""
+    style = getattr(args, "prompt_style", "released")          # runs saved before the flag: released
     try:
-        return tuple(tasks.restyle(rows, getattr(args, "prompt_style", "released")) for rows in unstyled_rows(args))
+        return tuple(tasks.restyle(rows, style) for rows in unstyled_rows(args))
     except ValueError as err:
         raise UserError(str(err)) from None
 

@@ -89,6 +89,10 @@ GRIDS = {
                          "--micro_batch_size", "16", "--learning_rate", "5e-5", "--sft_learning_rate",
                          "5e-5", "--sft_loss_coef", "1", "--max_completion_length", "80",
                          "--num_train", "512", "--num_test", "64", "--eval_steps", "8"],
+               "note": "Settings were chosen on validation problems (docs/real-model.md says what was tried). "
+                       "UFT's training columns count hinted rollouts: early on most hints hold the whole answer "
+                       "(the short prompt's last fragment is its closing tags), so such a rollout only has to "
+                       "stop; the held-out columns are greedy answers without any hint.",
                "cells": {"rft": ["--algo", "rft"], "uft": ["--algo", "uft"], "sft": ["--algo", "sft"],
                          "sft-rft": ["--algo", "sft-rft", "--sft_steps", "8", "--T", "8", "--T_hint", "8"]}},
     # SFT-GO (`sft_go.py`, one loss per run). Plain CE trains the same whatever the grouping; its two cells
@@ -551,8 +555,9 @@ def theorem_tables(runs: dict, seeds) -> list[str]:
     lines = ["## Cost until greedy accuracy first reaches 0.5 (mean ± std over seeds; censored runs count at "
              "the cap)", "", f"A run is censored at step {THEOREM_CAP} ({THEOREM_CAP * 8:,} rollouts). Runs made "
              "under an earlier, longer cap are cut at that step: with a constant learning rate and a fixed "
-             "T_hint, a run's first steps do not depend on its cap.", "", "| method | B | H | solved | rollouts (SFT: demonstrations) | optimizer steps | "
-             "seconds | B^H/4 |", "|" + "---|" * 8]
+             "T_hint, a run's first steps do not depend on its cap.", "",
+             "| method | B | H | solved | rollouts (SFT: demonstrations) | optimizer steps | seconds | B^H/4 |",
+             "|" + "---|" * 8]
     fits = ["", "## Growth per level (least-squares slope of log(1 + rollouts) against H, per seed)", "",
             "| method | B | growth factor per level, exp(slope) | ln-slope | seeds with a censored height |",
             "|---|---|---|---|---|"]
@@ -642,6 +647,7 @@ def report(grid: str, seeds) -> Path:
              f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs.", "",
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
+    lines += ["", g["note"]] if "note" in g else []
     lines += ["", "## Final accuracy and budget (mean ± std over seeds)", ""]
     lines += (["Final held-out values. Each cell's group losses use its own grouping (`ce` logs TF-IDF "
                "groups, `ce-excess` excess-loss groups; plain CE trains the same either way).", ""]
