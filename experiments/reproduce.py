@@ -456,12 +456,12 @@ def plot(grid: str, runs: dict) -> Path:
     fig = Figure(figsize=(4 + 4 * len(keys), 3.8))
     axes = fig.subplots(1, len(keys))
     for ax, (key, title) in zip(axes, keys):
-        for cell, seeds in runs.items():
+        for i, (cell, seeds) in enumerate(runs.items()):
             c = curve(seeds, key)
             if c is None:
                 continue
-            steps, mean, sd = c
-            line, = ax.plot(steps, mean, label=f"{cell} ({sum(1 for r in seeds if r)})")
+            steps, mean, sd = c                    # a cell keeps its colour in panels it is missing from
+            line, = ax.plot(steps, mean, label=f"{cell} ({sum(1 for r in seeds if r)})", color=f"C{i % 10}")
             ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                             color=line.get_color(), alpha=0.15)
         ax.set_title(title)
