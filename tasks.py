@@ -1592,12 +1592,14 @@ def tree_split(num_train: int, num_test: int, seed: int, B: int = 3, H: int = 4,
 def tree_reward(text: str, ground_truth: dict) -> float:
     """1.0 for the secret path, 0.1 for a well-formed wrong path (H choices among the B, then "."), else 0.
 
-    `text` is prompt + completion; the answer is what follows the prompt's closing "):".
+    `text` is prompt + completion; the answer is what follows the prompt's closing "):" (in a chat template:
+    the assistant's turn, assistant_part).
     >>> gt = {"tree_id": 7, "branching": 3, "path": "caaa"}
     >>> [tree_reward("Path 7 (4 steps, choices a b c):" + a, gt) for a in (" c a a a .", " a a a a .", " c a")]
     [1.0, 0.1, 0.0]
     """
-    _, sep, answer = text.partition("):")
+    turn = assistant_part(text)
+    _, sep, answer = ("", "):", turn) if turn is not None else text.partition("):")
     words = answer.split()
     path, B = ground_truth["path"], ground_truth["branching"]
     if not sep or words[-1:] != ["."] or len(words) != len(path) + 1:

@@ -24,6 +24,15 @@ def released_rows():
     return [tasks.generate_countdown(1, seed=1, min_nums=3, max_nums=3)[0], tasks.generate_kk(1, seed=1)[0]]
 
 
+def test_every_generated_task_scores_an_answer_in_a_chat_template():
+    rows = released_rows() + tasks.tree_split(1, 0, seed=0, B=2, H=3, which="validation")[0]
+    assert [tasks.task_of(r) for r in rows] == ["countdown", "kk", "tree"]
+    for row in rows:
+        question = tasks.chat_question(row["question"], chatml)
+        assert tasks.reward(row, question + row["answer"]) == 1.0, tasks.task_of(row)
+        assert tasks.reward(row, question + " no") == 0.0, tasks.task_of(row)
+
+
 @pytest.mark.parametrize("row", released_rows(), ids=["countdown", "kk"])
 def test_a_released_prompt_splits_into_the_user_words_and_the_assistant_opening(row):
     user, opening = tasks.split_prompt(row["question"])
