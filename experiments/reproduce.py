@@ -174,6 +174,18 @@ GRIDS = {
               "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
                         **{f"go-{g}": ["--loss", "go", "--grouping", g] for g in ("tfidf", "excess", "random")},
                         "ce-excess": ["--loss", "ce", "--grouping", "excess"]}},
+    "go-kk-long": {"about": "go-kk's ce and go-tfidf for 120 steps instead of 40 (in go-kk plain CE ends where "
+                            "it started)",
+                   "note": "Added after go-kk, with the same rule stated before these runs: supported if go-tfidf "
+                           "has a paired interval entirely above 0, refuted if entirely below, otherwise "
+                           "inconclusive; and the mechanism shows if go-tfidf's important-group loss ends below "
+                           "ce's by more than the spread over seeds.",
+                   "script": "sft_go.py", "common": [],
+                   "flags": ["--data", "kk", "--model", "builtin-kk", "--T", "120", "--batch_size", "32",
+                             "--micro_batch_size", "32", "--num_test", "100", "--eval_steps", "40",
+                             *GO_CHOSEN[2:]],
+                   "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
+                             "go-tfidf": ["--loss", "go", "--grouping", "tfidf"]}},
     # smollm-go again with the chat template (the question as the user turn, the trace as the assistant's)
     "smollm-go-chat": {"about": "SmolLM2-135M-Instruct (GGUF, float32) with its chat template, fine-tuned on "
                                 "built-in 2-inhabitant K&K: plain CE vs SFT-GO (TF-IDF at go-select's lambda and "
