@@ -64,18 +64,23 @@ WORD = re.compile(r"\w+|[^\w\s]")   # a word: a run of letters/digits/_ or one p
 
 # --- Data: rows {prompt, response} from built-in countdown or files (tasks.load_sft_rows) --------
 
-def load_rows(args) -> dict[str, list[dict]]:
-    """{"train", "test"[, "val"]} rows: uft's built-in split (countdown, kk; countdown's --num_val validation
-    problems as "val") as prompt/response rows, or --data (and --test_data) files."""
+def load_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) rows, as uft.load_rows: uft's built-in split (countdown, kk; validation rows
+    with countdown's --num_val) as prompt/response rows, or --data (and --test_data) files (no validation)."""
     if args.data in tasks.GENERATED:
-        train, val, test = ([as_sft_row(r) for r in rows] for rows in uft.load_rows(args))
-        return {"train": train, "test": test, **({"val": val} if val else {})}   # val last: see static_scores
+        return tuple([as_sft_row(r) for r in rows] for rows in uft.load_rows(args))
     rows = load_sft_rows(args.data)
     if args.test_data:
-        return {"train": rows[: args.num_train], "test": load_sft_rows(args.test_data)[: args.num_test]}
+        return rows[: args.num_train], [], load_sft_rows(args.test_data)[: args.num_test]
     if len(rows) <= args.num_test:
         raise UserError(f"--data {args.data}: {len(rows)} rows, need more than --num_test {args.num_test}")
-    return {"train": rows[args.num_test: args.num_test + args.num_train], "test": rows[: args.num_test]}
+    return rows[args.num_test: args.num_test + args.num_train], [], rows[: args.num_test]
+
+
+def split_rows(train: list[dict], val: list[dict], test: list[dict]) -> dict[str, list[dict]]:
+    """Split name -> rows; validation last and only when there is some (random scores are drawn per split in
+    this order, see static_scores)."""
+    return {"train": train, "test": test, **({"val": val} if val else {})}
 
 
 @dataclasses.dataclass
@@ -651,7 +656,7 @@ def train(args, rows: dict | None = None) -> dict:
     from tqdm.auto import tqdm
 
     if rows is None:
-        rows = load_rows(args)
+        rows = split_rows(*load_rows(args))
     run = setup(args, rows)
     first = {"step": 0, **held_out(run, progress=True)}
     if common.is_main():                     # every process holds the same metrics; process 0 writes
@@ -802,7 +807,7 @@ def main(argv=None) -> int:
 def run_all(args) -> int:
     common.init_distributed(args.device)     # under torchrun: join the job (otherwise nothing happens)
     check_world(args)
-    rows = load_rows(args)                                        # bad rows are found before any model loads
+    rows = split_rows(*load_rows(args))                           # bad rows are found before any model loads
     folders = run_folders(args)
     ids = runs.claim_go_folders(args, folders)                    # checked before any model loads
     results = {}

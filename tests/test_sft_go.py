@@ -487,7 +487,7 @@ def test_validation_problems_are_scored_apart_from_the_held_out_ones(tiny, tmp_p
     flags = run_flags(tiny, tmp_path, "--loss", "go", "--max_completion_length", "4", "--num_val", "3")
     flags[flags.index("--data") + 1] = "countdown"
     args = sft_go.parse_args(flags)
-    rows = sft_go.load_rows(args)
+    rows = sft_go.split_rows(*sft_go.load_rows(args))
     assert list(rows) == ["train", "test", "val"] and len(rows["val"]) == 3
     assert not {r["prompt"] for r in rows["val"]} & {r["prompt"] for r in rows["test"] + rows["train"]}
     assert sft_go.main(flags) == 0
@@ -521,6 +521,18 @@ def test_the_change_sentence_says_what_the_interval_allows(before, after, verdic
     c = uft.paired_comparison(before, after)
     assert runs.change_sentence(c).split(": ")[-1].startswith(verdict)
     assert f"over {len(before)} held-out problems" in runs.change_sentence(c)
+
+
+def test_uft_result_lines_keep_their_wording(capsys):
+    """uft.py's last line is built from the same sentence; worked by hand: d = (1, 0, 1, -1), mean 0.25,
+    sd = sqrt(2.75 / 3) = 0.957, half-width 1.96 * 0.957 / 2 = 0.938."""
+    c = uft.paired_comparison([0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0])
+    runs.print_result("uft", {"comparison": c, "base_accuracy": 0.5, "final_accuracy": 0.75, "steps": 3,
+                              "output_dir": "out"}, minutes=1.0)
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "uft: held-out accuracy 0.500 (base) -> 0.750 after 3 steps, 1.0 min. Run folder: out",
+        "change +0.250, 95% interval -0.688 to +1.188 over 4 held-out problems (2 gained, 1 lost): not "
+        "distinguishable from no change on this many problems"]
 
 
 def test_cosine_learning_rate_decays_over_the_run(tiny, tmp_path):
