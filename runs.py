@@ -490,13 +490,16 @@ def print_evaluation(result: dict) -> None:
         print(f"  mean over sources: {result['eval_accuracy_source_mean']:.3f}")
 
 
-def print_result(algo: str, result: dict, minutes: float) -> None:
-    """A training run's last lines: base -> final held-out accuracy and the paired change with its interval."""
-    c = result["comparison"]
+def change_sentence(c: dict, problems: str = "held-out problems") -> str:
+    """A paired_comparison in words: the change, its 95% interval and what the interval allows one to say."""
     verdict = ("an improvement" if c["low"] > 0 else "a drop" if c["high"] < 0 else
                "not distinguishable from no change on this many problems")
+    return (f"change {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to {c['high']:+.3f} over {c['n']} {problems} "
+            f"({c['wins']} gained, {c['losses']} lost): {verdict}")
+
+
+def print_result(algo: str, result: dict, minutes: float) -> None:
+    """A training run's last lines: base -> final held-out accuracy and the paired change with its interval."""
     print(f"\n{algo}: held-out accuracy {result['base_accuracy']:.3f} (base) -> "
           f"{result['final_accuracy']:.3f} after {result['steps']} steps, {minutes:.1f} min. "
-          f"Run folder: {result['output_dir']}\nchange {c['gain']:+.3f}, 95% interval {c['low']:+.3f} to "
-          f"{c['high']:+.3f} over {c['n']} held-out problems ({c['wins']} gained, {c['losses']} lost): "
-          f"{verdict}")
+          f"Run folder: {result['output_dir']}\n{change_sentence(result['comparison'])}")

