@@ -112,7 +112,8 @@ def test_builtin_base_is_built_once_and_loads(tmp_path):
     recipe = dict(uft.BASE_RECIPE, version=0, num_problems=64, steps=2, batch_size=8)
     folder = uft.builtin_base(tmp_path, recipe=recipe, progress=False)
     assert folder == tmp_path / "builtin-v0" / "base"
-    assert json.loads((folder / "recipe.json").read_text()) == recipe
+    assert json.loads((folder / "recipe.json").read_text()) == {**recipe,
+                                                                "built_with_threads": torch.get_num_threads()}
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert uft.builtin_base(tmp_path, recipe=recipe, progress=False) == folder          # cached: not rebuilt
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
