@@ -768,7 +768,6 @@ def report(grid: str, seeds) -> Path:
              *([g["note"], ""] if "note" in g else []),
              "Cells (flags on top of the grid's):", ""]
     lines += [f"- `{cell}`: `{' '.join(flags) or '(none)'}`" for cell, flags in g["cells"].items()]
-    lines += ["", g["note"]] if "note" in g else []
     lines += ["", "## Final accuracy and budget (mean ± std over seeds)", ""]
     lines += (["Final held-out values. Each cell's group losses use its own grouping (`ce` logs TF-IDF "
                "groups, `ce-excess` excess-loss groups; plain CE trains the same either way).", ""]
