@@ -91,6 +91,11 @@ def warmup_rows(recipe: dict) -> list[dict]:
                               max_nums=recipe["max_nums"], heldout=False)
 
 
+def base_folder(cache_dir: Path, recipe: dict) -> Path:
+    """Where a built-in base of this recipe is cached (a new version is a new folder)."""
+    return Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
+
+
 def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, progress: bool = True) -> Path:
     """Folder of a built-in base model; built once (minutes on a laptop CPU), then loaded from the cache."""
     from functools import lru_cache
@@ -98,7 +103,7 @@ def builtin_base(cache_dir: Path = DEFAULT_CACHE, recipe: dict = BASE_RECIPE, pr
 
     from uft import sft_batch, sft_update       # the warm-up is uft's SFT step
 
-    folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
+    folder = base_folder(cache_dir, recipe)
     if (folder / "config.json").exists():
         return folder
     init = builtin_init(folder.with_name("init"), recipe["seed"], recipe.get("task", "countdown"))
@@ -187,8 +192,7 @@ def base_record(args, model, cache_dir: Path = DEFAULT_CACHE) -> dict:
     record = {"model": args.model, "gguf_file": args.gguf_file, "weights_sha256": weights_digest(model)}
     if args.model in BASE_RECIPES:
         recipe = BASE_RECIPES[args.model]
-        folder = Path(cache_dir) / f"{recipe['name']}-v{recipe['version']}" / "base"
-        saved = folder / "recipe.json"
-        record["recipe"] = json.loads(saved.read_text()) if saved.exists() else recipe
-        record["recipe"].setdefault("built_with_threads", None)       # built before the count was recorded
+        saved = base_folder(cache_dir, recipe) / "recipe.json"
+        built = json.loads(saved.read_text()) if saved.exists() else recipe
+        record["recipe"] = {"built_with_threads": None, **built}     # None: built before the count was kept
     return record
