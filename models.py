@@ -68,7 +68,7 @@ BASE_RECIPE = dict(
 # rarely solves a problem (the paper's small-model regime), and one warmed up on 3-5 numbers (long horizons).
 BASE_RECIPES = {r["name"]: r for r in (
     BASE_RECIPE,
-    {**BASE_RECIPE, "name": "builtin-weak", "steps": 150},
+    {**BASE_RECIPE, "name": "builtin-weak", "version": 3, "steps": 250},   # v2: 150 steps, solved 0.1%
     {**BASE_RECIPE, "name": "builtin-mix", "min_nums": 3, "max_nums": 5},
     # K&K (--data kk's default model): SFT on deduction traces of 2-3 inhabitants, a quarter of the countdown
     # warm-up's tokens-worth of steps because a trace is ~2.5x as long as a countdown answer

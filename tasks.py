@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -747,12 +748,13 @@ def is_heldout(nums: list[int], target: int) -> bool:
     return zlib.crc32(repr(countdown_key(nums, target)).encode()) % HELDOUT_BUCKETS == 0
 
 
-def generate_countdown(n: int, seed: int, min_nums: int = 3, max_nums: int = 4,
-                       heldout: bool | None = None) -> list[dict]:
+def generate_countdown(n: int, seed: int | str, min_nums: int = 3, max_nums: int = 4,
+                       heldout: bool | None = None, exclude: frozenset = frozenset()) -> list[dict]:
     """n distinct solvable problems with worked solutions; the same seed gives the same rows.
 
     Draw min_nums..max_nums numbers from NUM_RANGE, list the reachable targets in TARGET_RANGE, pick one
-    uniformly. heldout=True keeps only held-out problems (see is_heldout), False only the others, None all.
+    uniformly. heldout=True keeps only held-out problems (see is_heldout), False only the others, None all;
+    problems whose countdown_key is in `exclude` are skipped.
 
     >>> row = generate_countdown(1, seed=0)[0]
     >>> row["nums"], row["target"], row["hint"][-1]
@@ -769,8 +771,9 @@ def generate_countdown(n: int, seed: int, min_nums: int = 3, max_nums: int = 4,
         if not targets:
             continue
         target = rng.choice(targets)
-        if countdown_key(nums, target) not in seen:
-            seen.add(countdown_key(nums, target))
+        key = countdown_key(nums, target)
+        if key not in seen and key not in exclude:
+            seen.add(key)
             rows.append(make_countdown_row(nums, target, solve_countdown(nums, target)))
     if len(rows) < n:
         raise ValueError(f"found only {len(rows)} distinct problems of {n} "
@@ -778,25 +781,41 @@ def generate_countdown(n: int, seed: int, min_nums: int = 3, max_nums: int = 4,
     return rows
 
 
+# The held-out problems every run before the final test set was scored or tuned on: the first USED_HELDOUT of
+# the held-out stream of each seed in USED_SEEDS (uft.py: test 500 + validation 200; sft_go.py up to 400;
+# countdown grids used seeds 0-5). They are now validation problems; the test set comes from a stream of its
+# own and never contains one of them, whatever its seed (3-number streams of two seeds share 1-3%).
+USED_HELDOUT, USED_SEEDS = 1_000, range(6)
+TEST_SALT = "final-test-2026-12"   # seeds the test stream: problems no run had seen before this protocol
+
+
+@functools.lru_cache(maxsize=8)
+def used_heldout_keys(min_nums: int, max_nums: int) -> frozenset:
+    """countdown_key of every problem the test set must avoid (see USED_HELDOUT)."""
+    return frozenset(countdown_key(r["nums"], r["target"]) for seed in USED_SEEDS
+                     for r in countdown_validation(USED_HELDOUT, seed, min_nums, max_nums))
+
+
 def countdown_split(num_train: int, num_test: int, seed: int, min_nums: int = 3,
                     max_nums: int = 4) -> tuple[list[dict], list[dict]]:
     """(train, test) rows, disjoint by construction: test problems are held-out ones, train problems are not.
 
     The test side does not depend on num_train (runs with different budgets are evaluated on the same
-    problems); seed + 1 for the train side keeps the two from drawing the same numbers.
+    problems). It comes from its own salted stream minus every validation problem (used_heldout_keys);
+    seed + 1 for the train side keeps it from drawing the validation stream's numbers.
     """
-    test = generate_countdown(num_test, seed, min_nums, max_nums, heldout=True)
+    test = generate_countdown(num_test, f"{TEST_SALT}-{seed}", min_nums, max_nums, heldout=True,
+                              exclude=used_heldout_keys(min_nums, max_nums))
     train = generate_countdown(num_train, seed + 1, min_nums, max_nums, heldout=False)
     return train, test
 
 
-def countdown_validation(num_val: int, num_test: int, seed: int, min_nums: int = 3,
-                         max_nums: int = 4) -> list[dict]:
-    """Held-out problems for choosing settings, disjoint from countdown_split's test (and train) rows.
-
-    They are the next num_val problems of the test side's stream, so the test rows stay what they were.
-    """
-    return generate_countdown(num_test + num_val, seed, min_nums, max_nums, heldout=True)[num_test:]
+def countdown_validation(num_val: int, seed: int, min_nums: int = 3, max_nums: int = 4) -> list[dict]:
+    """Held-out problems for choosing settings, disjoint from countdown_split's test and train rows: the
+    first num_val of the seed's held-out stream (at most USED_HELDOUT, the ones the test set avoids)."""
+    if num_val > USED_HELDOUT:
+        raise ValueError(f"at most {USED_HELDOUT} validation problems, got {num_val}")
+    return generate_countdown(num_val, seed, min_nums, max_nums, heldout=True)
 
 
 def validate_countdown_row(row: dict, index: int, source: str) -> dict:

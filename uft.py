@@ -902,7 +902,7 @@ def unstyled_rows(args) -> tuple[list[dict], list[dict], list[dict]]:
     if args.data == "countdown":
         split = dict(seed=args.seed, min_nums=args.min_nums, max_nums=args.max_nums)
         train, test = countdown_split(args.num_train, args.num_test, **split)
-        val = countdown_validation(args.num_val, args.num_test, **split) if args.num_val else []
+        val = countdown_validation(args.num_val, **split) if args.num_val else []
         return train, val, test
     if args.data == "tree":                     # num_train trees, trained and evaluated on (tasks.tree_split)
         train, test = tasks.tree_split(args.num_train, 0, args.seed, args.tree_branching, args.tree_height,
@@ -1011,7 +1011,7 @@ FLAGS = {
         ("num_train", 5000, "training problems", {"range": "[1, inf)"}),
         ("num_test", 500, "held-out problems for evaluation", {"range": "[1, inf)"}),
         ("num_val", 0, "built-in countdown: validation problems (disjoint from the held-out ones) to choose "
-                       "settings on; evaluated beside them as val_*", {"range": "[0, inf)"}),
+                       "settings on; evaluated beside them as val_*", {"range": "[0, 1000]"}),
         ("min_nums", 3, "built-in countdown: fewest numbers per problem", {"range": "[3, 6]"}),
         ("max_nums", 3, "built-in countdown: most numbers per problem", {"range": "[3, 6]"}),
         ("min_people", 2, "built-in K&K: fewest inhabitants per puzzle (the paper: 3-7)", {"range": "[2, 8]"}),

@@ -55,6 +55,21 @@ GRIDS = {
     "strong": {"about": "the five algorithms from the built-in base (600 warm-up steps on 3-number problems)",
                "flags": ["--model", "builtin"],
                "cells": {algo: ["--algo", algo] for algo in ALGOS}},
+    # Why RL degraded weak bases (docs/collapse.md): RFT from builtin-weak with one factor changed per cell,
+    # read on validation problems only (held-out problems: 100, never looked at for this grid)
+    "collapse": {"about": "RFT from builtin-weak (250 warm-up steps) on 3-number problems, 60 steps: the "
+                          "default, then one factor changed per cell; SFT as the control",
+                 "flags": ["--model", "builtin-weak", "--T", "60", "--eval_steps", "20", "--num_test", "100"],
+                 "seeds": (0, 1),
+                 "note": "A diagnosis grid: every setting below is read on the 200 validation problems per "
+                         "seed; its 100 held-out problems per seed are reported only because every run scores "
+                         "them.",
+                 "cells": {"sft": ["--algo", "sft"], "rft": ["--algo", "rft"],
+                           "rft-skip": ["--algo", "rft", "--skip_silent_updates"],
+                           "rft-lr5e-5": ["--algo", "rft", "--learning_rate", "5e-5"],
+                           "rft-beta0.05": ["--algo", "rft", "--beta", "0.05"],
+                           "rft-G8": ["--algo", "rft", "--num_generations", "8", "--batch_size", "16",
+                                      "--mini_batch_size", "16"]}},
     "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, "
                       "few solutions",
              "flags": ["--model", "builtin-weak"],
@@ -511,25 +526,41 @@ def go_group_losses(runs: dict) -> list[str]:
     return lines
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}   # Student t, 97.5%, by degrees of freedom
+
+
+def over_seeds(changes: list[float]) -> str:
+    """Mean of the seeds' accuracy changes with a 95% t-interval over seeds (each seed one observation)."""
+    if len(changes) < 2:
+        return "–"
+    m, half = statistics.mean(changes), T_975.get(len(changes) - 1, 1.96) * statistics.stdev(changes)
+    return f"{m:+.3f} ({m - half / len(changes) ** 0.5:+.3f} to {m + half / len(changes) ** 0.5:+.3f})"
+
+
 def comparison_table(runs: dict, pairs: list[tuple[str, str]], split: str = "test") -> list[str]:
     """Rows 'ours - baseline' for each (ours, baseline) pair of cells, paired on the same held-out (or
-    validation) problems: the interval is over problems, pooled over seeds; then each seed's own change."""
-    lines = ["| comparison | problems | accuracy change (95% interval) | better / worse | McNemar p | "
-             "change per seed |", "|---|---|---|---|---|---|"]
+    validation) problems. Two intervals: over problems (the seeds' problems pooled: how sure the change is on
+    these problems) and over seeds (each seed's change one observation: how sure it is across training runs,
+    with only 2-3 of them a wide t-interval); then each seed's own change."""
+    lines = ["| comparison | problems | change, pooled over problems (95% interval) | better / worse | McNemar p "
+             "| change over seeds (95% t-interval) | change per seed |", "|---|---|---|---|---|---|---|"]
     for ours, base in pairs:
         c = pooled_comparison(runs.get(base, []), runs.get(ours, []), split)
         if c:
             lines.append(f"| {ours} − {base} | {c['n']} | {c['gain']:+.3f} ({c['low']:+.3f} to "
                          f"{c['high']:+.3f}) | {c['wins']} / {c['losses']} | {c['p_mcnemar']:.3g} | "
-                         f"{', '.join(f'{g:+.3f}' for g in c['per_seed'])} |")
+                         f"{over_seeds(c['per_seed'])} | {', '.join(f'{g:+.3f}' for g in c['per_seed'])} |")
     return lines
 
 
 def comparisons(grid: str, runs: dict, split: str = "test") -> list[str]:
     if grid in ("strong", "weak", "smollm"):
-        return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft" and a in runs])
+        return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft" and a in runs], split)
+    if grid == "collapse":
+        return comparison_table(runs, [(c, "rft") for c in runs if c != "rft"], split)
     if grid == "ablation":
-        return comparison_table(runs, [(c, "cosine") for c in runs if c != "cosine"])
+        return comparison_table(runs, [(c, "cosine") for c in runs if c != "cosine"] + [("nll-0.001", "nll-0")],
+                                split)
     if grid == "horizon":
         return comparison_table(runs, [(f"uft-{n}", f"{b}-{n}") for n in HORIZON for b in ("sft", "rft")])
     if GRIDS[grid].get("script") == "sft_go.py":
@@ -565,6 +596,14 @@ def plot(grid: str, runs: dict) -> Path:
                 ("eval_format_rate", "held-out format rate (an answer found)"),
                 ("reward_mean", "training reward (RL steps)"),
                 ("formatted_groups", "groups with an answer (training)")]
+    if grid == "collapse":
+        keys = [("val_accuracy", "validation accuracy (greedy, no hint)"),
+                ("val_format_rate", "validation format rate (an answer found)"),
+                ("train_format_rate", "rollouts with an answer (training)"),
+                ("solved_groups", "groups with a correct rollout (training)"),
+                ("zero_std_groups", "zero-variance groups (A = 0)"), ("grad_norm", "gradient norm"),
+                ("kl", "KL to the base (k3, token mean)"), ("entropy", "entropy (token mean)"),
+                ("response_length", "response length (tokens)"), ("truncated", "truncated rollouts")]
     if GRIDS[grid].get("script") == "sft_go.py":
         keys = [("eval_ce", "held-out CE"), ("eval_loss_important", "held-out loss, important tokens"),
                 ("eval_loss_unimportant", "held-out loss, unimportant tokens"),
@@ -777,11 +816,11 @@ def report(grid: str, seeds) -> Path:
     lines += go_table(runs) if go else cell_table(grid, runs)
     if grid == "smollm":
         lines += ["", "## The answer format: before, after, and what the rollouts earned", ""] + format_table(runs)
-    if go and any(r and r["val_rewards"] for seeds_ in runs.values() for r in seeds_):
+    if any(r and r["val_rewards"] for seeds_ in runs.values() for r in seeds_) and comparisons(grid, runs, "val"):
         lines += ["", "## Paired comparisons on the same validation problems (the ones settings are chosen on)",
                   "", "The interval is over problems, the seeds' problems pooled; then each seed's change.", ""]
         lines += comparisons(grid, runs, "val")
-    lines += ["", "## Paired comparisons on the same held-out problems (pooled over seeds)", ""]
+    lines += ["", "## Paired comparisons on the same held-out problems", ""]
     lines += comparisons(grid, runs)
     if go:
         lines += ["", "## Loss of each group over training (mean ± std over seeds)", ""] + go_group_losses(runs)

@@ -220,6 +220,20 @@ def test_generation_is_deterministic_per_seed(generated):
     assert all(len(r["nums"]) == 4 for r in tasks.generate_countdown(50, seed=3, min_nums=4, max_nums=4))
 
 
+def test_test_set_avoids_every_problem_an_earlier_run_was_scored_or_tuned_on():
+    keys = lambda rows: {tasks.countdown_key(r["nums"], r["target"]) for r in rows}  # noqa: E731
+    used = set()
+    for seed in range(6):   # the old test side was each seed's held-out stream, from its first problem
+        used |= keys(tasks.generate_countdown(700, seed, 3, 3, heldout=True))
+    for seed in range(3):
+        test = tasks.countdown_split(10, 500, seed, 3, 3)[1]
+        assert len(keys(test)) == 500 and not keys(test) & used
+    assert tasks.countdown_validation(700, seed=1, min_nums=3, max_nums=3) == \
+        tasks.generate_countdown(700, 1, 3, 3, heldout=True)   # validation: the old stream, first to last
+    with pytest.raises(ValueError, match="at most"):
+        tasks.countdown_validation(tasks.USED_HELDOUT + 1, seed=0)
+
+
 def test_split_has_no_shared_problem_and_a_stable_test_side():
     train, test = tasks.countdown_split(400, 100, seed=0)
     assert len(train) == 400 and len(test) == 100
@@ -298,7 +312,7 @@ def test_heldout_ignores_number_order_and_takes_about_one_problem_in_ten():
 
 def test_split_sides_and_validation_rows_respect_the_heldout_bucket():
     train, test = tasks.countdown_split(60, 20, seed=2)
-    val = tasks.countdown_validation(15, 20, seed=2)
+    val = tasks.countdown_validation(15, seed=2)
     assert len(val) == 15
     assert all(tasks.is_heldout(r["nums"], r["target"]) for r in test + val)
     assert not any(tasks.is_heldout(r["nums"], r["target"]) for r in train)
