@@ -816,6 +816,7 @@ def train(args) -> dict:
             owner = sampled.prompt_index.tolist()                             # row -> its prompt
             rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + text)
                                     for p, text in zip(owner, texts)])                       # (N,)
+            rewards[rewards == tasks.REWARD_WRONG] = a.format_reward       # the released 0.1 by default
             advantages = group_advantages(rewards.view(-1, G)).view(-1)                       # (N,)
             batch = make_batch([prompts[p] for p in owner], ids, [hint_lengths[p] for p in owner],
                                tok.pad_token_id, advantages=advantages, device=state.model.device)
@@ -965,6 +966,9 @@ FLAGS = {
         ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model", {"range": "[0, inf)"}),
         ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)",
          {"range": "[0, inf)"}),
+        ("format_reward", 0.1, "training reward of an answer that is extracted but wrong (the released 0.1; "
+                               "evaluation keeps 0.1); 0 leaves correct answers the only signal",
+         {"range": "[0, 1]"}),
         ("sft_loss_coef", 0.001, "hint-token NLL coefficient (uft only; the released value, chosen on "
                                  "validation)", {"range": "[0, inf)"}),
     ],
