@@ -69,7 +69,8 @@ GRIDS = {
                            "rft-lr5e-5": ["--algo", "rft", "--learning_rate", "5e-5"],
                            "rft-beta0.05": ["--algo", "rft", "--beta", "0.05"],
                            "rft-G8": ["--algo", "rft", "--num_generations", "8", "--batch_size", "16",
-                                      "--mini_batch_size", "16"]}},
+                                      "--mini_batch_size", "16"],
+                           "rft-format0": ["--algo", "rft", "--format_reward", "0"]}},
     "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, "
                       "few solutions",
              "flags": ["--model", "builtin-weak"],
