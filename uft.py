@@ -816,8 +816,8 @@ def train(args) -> dict:
             owner = sampled.prompt_index.tolist()                             # row -> its prompt
             rewards = torch.tensor([tasks.reward(rows[p], rows[p]["question"] + hints[p][0] + text)
                                     for p, text in zip(owner, texts)])                       # (N,)
-            rewards[rewards == tasks.REWARD_WRONG] = a.format_reward       # the released 0.1 by default
-            advantages = group_advantages(rewards.view(-1, G)).view(-1)                       # (N,)
+            trained = torch.where(rewards == tasks.REWARD_WRONG, a.format_reward, rewards)  # released: 0.1
+            advantages = group_advantages(trained.view(-1, G)).view(-1)                       # (N,)
             batch = make_batch([prompts[p] for p in owner], ids, [hint_lengths[p] for p in owner],
                                tok.pad_token_id, advantages=advantages, device=state.model.device)
             shown = hint_fraction(t, a.T_hint, a.p_low, a.p_high) if schedule == "cosine" else drawn
