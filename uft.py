@@ -1037,7 +1037,7 @@ FLAGS = {
                          "other flag is accepted)", {"type": str}),
         ("eval_only", False, "only evaluate --model (or a run folder's checkpoint) on the held-out rows "
                              "(--test_data); writes the same metrics and samples", {"action": "store_true"}),
-        ("eval_steps", 25, "evaluate every this many steps", {"range": "[1, inf)"}),
+        ("eval_steps", 50, "evaluate every this many steps", {"range": "[1, inf)"}),
         ("stop_at", None, "end the run at the first evaluation whose held-out accuracy reaches this "
                           "(steps-to-solve experiments)", {"type": float, "range": "[0, 1]"}),
         ("eval_batch_size", 256, "prompts per greedy eval batch", {"range": "[1, inf)"}),

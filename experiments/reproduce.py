@@ -55,6 +55,12 @@ GRIDS = {
     "strong": {"about": "the five algorithms from the built-in base (600 warm-up steps on 3-number problems)",
                "flags": ["--model", "builtin"],
                "cells": {algo: ["--algo", algo] for algo in ALGOS}},
+    # The README's flagship command: its printed interval must exclude 0 for every seed and either base build
+    "default": {"about": "`python uft.py` as it ships (UFT, 150 steps) for seeds 0-2, from the built-in base "
+                         "built with 1 thread and with 2 threads (their weights differ)",
+                "common": [], "flags": ["--model", "builtin"],      # the default, named so the base is prebuilt
+                "base_threads": {"base-1-thread": 1, "base-2-threads": 2},
+                "cells": {"base-1-thread": [], "base-2-threads": []}},
     # Why RL degraded weak bases (docs/collapse.md): RFT from builtin-weak with one factor changed per cell,
     # read on validation problems only (held-out problems: 100, never looked at for this grid)
     "collapse": {"about": "RFT from builtin-weak (250 warm-up steps) on 3-number problems, 60 steps: the "
@@ -278,13 +284,21 @@ GRIDS = {
 # Running
 # ----------------------------------------------------------------------------------------------------------
 
-def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tuple[list[str], Path]:
+def thread_cache(threads: int) -> Path:
+    """A built-in model cache whose bases are built with this many threads (grids with "base_threads")."""
+    return Path(os.environ.get("UFT_CACHE_ROOT", Path.home() / ".cache")) / f"uft-threads-{threads}"
+
+
+def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tuple[list[str], Path, dict]:
+    """(command, run folder, extra environment) of one run."""
     g = GRIDS[grid]
     out = RUNS / grid / cell / f"seed{seed}"
     shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)    # commands read as typed
     flags = [*g.get("common", COMMON), *g["flags"], *model_flags, *g["cells"][cell],
              "--seed", str(seed), "--output_dir", shown]
-    return [sys.executable, g.get("script", "uft.py"), *flags], out
+    threads = g.get("base_threads", {}).get(cell)
+    env = {"UFT_CACHE": str(thread_cache(threads))} if threads else {}
+    return [sys.executable, g.get("script", "uft.py"), *flags], out, env
 
 
 def in_process(cmd: list[str], env: dict, log) -> int:
@@ -315,7 +329,7 @@ def run_job(job: tuple) -> str:
     return run_one(*job)
 
 
-def run_one(cmd: list[str], out: Path) -> str:
+def run_one(cmd: list[str], out: Path, extra_env: dict | None = None) -> str:
     """Run (or resume) one training run in its own single-thread process; done.json marks it finished."""
     if (out / "done.json").exists():
         return f"skip {out}"
@@ -326,7 +340,7 @@ def run_one(cmd: list[str], out: Path) -> str:
         cmd = [*cmd, "--overwrite"]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     start, made_at = time.time(), machine()    # the checkout as the run starts (it imports the code then)
     with open(out / "log.txt", "a") as log:
         code = (in_process(cmd, env, log) if in_worker else
@@ -375,7 +389,13 @@ def sweep(grid: str, jobs: int, seeds, cells=None) -> None:
     model_flags = ["--model", str(tiny_model(RUNS / grid / "tiny-model"))] if grid.startswith("quick") else []
     name = g["flags"][g["flags"].index("--model") + 1] if "--model" in g["flags"] else None
     if name in uft.BASE_RECIPES:     # build the grid's base model once, before the runs compete for it
-        uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
+        if "base_threads" in g:      # one cache per build thread count (the weights differ between them)
+            import torch
+            for threads in sorted(set(g["base_threads"].values())):
+                torch.set_num_threads(threads)
+                uft.builtin_base(thread_cache(threads), uft.BASE_RECIPES[name])
+        else:
+            uft.builtin_base(uft.DEFAULT_CACHE, uft.BASE_RECIPES[name])
     todo = [run_command(grid, cell, seed, model_flags) for cell in cells or g["cells"] for seed in seeds]
     start = time.time()
     if g.get("in_process"):          # runs of seconds: worker processes that import uft once
@@ -405,7 +425,9 @@ def load_run(out: Path) -> dict | None:
     rewards = uft.read_jsonl(out / "eval_rewards.jsonl")
     train = [m for m in metrics if m.get("phase") == "rl"]
     evals = [m for m in metrics if "eval_accuracy" in m or "eval_ce" in m]
+    base = out / "base.json"
     return {"metrics": metrics, "evals": evals, "done": json.loads((out / "done.json").read_text()),
+            "base": json.loads(base.read_text()) if base.exists() else {},
             "config": json.loads((out / "config.json").read_text()),
             "test_rewards": [r["rewards"] for r in rewards if r["split"] == "eval"],
             "val_rewards": [r["rewards"] for r in rewards if r["split"] == "val"],
@@ -451,6 +473,49 @@ def cell_table(grid: str, runs: dict) -> list[str]:
             f"{mean_std([r['solved'] for r in done], 2)} | {mean_std([r['zero_std'] for r in done], 2)} | "
             f"{budget['optimizer_steps']} | {budget['problems_seen']:,} | {budget['tokens_generated']:,} | "
             f"{statistics.mean(r['done']['seconds'] for r in done) / 60:.1f} |")
+    return lines
+
+
+def drift_table(runs: dict) -> list[str]:
+    """Where each cell's policy went: validation accuracy and format rate before and after, and the RL steps'
+    KL to the base, entropy and gradient norm (first and last 10 steps), mean ± std over seeds."""
+    lines = ["| cell | validation accuracy: base → final | validation format rate: base → final | KL to the base "
+             "(first → last 10 steps) | entropy (first → last 10) | gradient norm (first → last 10) |",
+             "|" + "---|" * 6]
+
+    def window(r, key, part):
+        xs = [m[key] for m in r["metrics"] if m.get("phase") == "rl" and key in m]
+        xs = xs[:10] if part == "first" else xs[-10:]
+        return statistics.mean(xs) if xs else None
+    for cell, seeds in runs.items():
+        done = [r for r in seeds if r]
+        if not done:
+            continue
+        ends = [(r["evals"][0], r["evals"][-1]) for r in done]
+        moves = " | ".join(f"{mean_std([window(r, k, 'first') for r in done], 3)} → "
+                           f"{mean_std([window(r, k, 'last') for r in done], 3)}" for k in ("kl", "entropy",
+                                                                                          "grad_norm"))
+        lines.append(f"| {cell} | {mean_std([a.get('val_accuracy') for a, _ in ends])} → "
+                     f"**{mean_std([b.get('val_accuracy') for _, b in ends])}** | "
+                     f"{mean_std([a.get('val_format_rate') for a, _ in ends])} → "
+                     f"{mean_std([b.get('val_format_rate') for _, b in ends])} | {moves} |")
+    return lines
+
+
+def default_table(runs: dict) -> list[str]:
+    """Each run's own line, as `python uft.py` prints it: base -> final held-out accuracy and the paired change
+    with its 95% interval over the held-out problems."""
+    lines = ["| cell | seed | base weights (sha256) | base | final | change (95% interval) | excludes 0 | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell, seeds in runs.items():
+        for r in seeds:
+            if not r:
+                continue
+            c = uft.paired_comparison(r["test_rewards"][0], r["test_rewards"][-1])
+            lines.append(f"| {cell} | {r['config']['seed']} | {r['base'].get('weights_sha256', '?')[:12]} | "
+                         f"{r['evals'][0]['eval_accuracy']:.3f} | {r['evals'][-1]['eval_accuracy']:.3f} | "
+                         f"{c['gain']:+.3f} ({c['low']:+.3f} to {c['high']:+.3f}) | "
+                         f"{'yes' if c['low'] > 0 or c['high'] < 0 else 'no'} | {r['done']['seconds'] / 60:.1f} |")
     return lines
 
 
@@ -558,6 +623,8 @@ def comparisons(grid: str, runs: dict, split: str = "test") -> list[str]:
         return comparison_table(runs, [("uft", a) for a in ALGOS if a != "uft" and a in runs], split)
     if grid == "collapse":
         return comparison_table(runs, [(c, "rft") for c in runs if c != "rft"], split)
+    if grid == "default":
+        return []
     if grid == "ablation":
         return comparison_table(runs, [(c, "cosine") for c in runs if c != "cosine"], split)
     if grid == "horizon":
@@ -813,14 +880,20 @@ def report(grid: str, seeds) -> Path:
                           "on. 'Groups with a correct rollout' and 'zero-variance groups' are averaged over "
                           "the RL steps.", ""])
     lines += go_table(runs) if go else cell_table(grid, runs)
+    if grid == "collapse":
+        lines += ["", "## Where the policy went (validation; RL steps' KL, entropy and gradient norm)", ""]
+        lines += drift_table(runs)
+    if grid == "default":
+        lines += ["", "## Each run as `python uft.py` prints it", ""] + default_table(runs)
     if grid == "smollm":
         lines += ["", "## The answer format: before, after, and what the rollouts earned", ""] + format_table(runs)
     if any(r and r["val_rewards"] for seeds_ in runs.values() for r in seeds_) and comparisons(grid, runs, "val"):
         lines += ["", "## Paired comparisons on the same validation problems (the ones settings are chosen on)",
-                  "", "The interval is over problems, the seeds' problems pooled; then each seed's change.", ""]
+                  "", "Intervals over problems (the seeds' problems pooled) and over seeds; then each seed's change.",
+                  ""]
         lines += comparisons(grid, runs, "val")
-    lines += ["", "## Paired comparisons on the same held-out problems", ""]
-    lines += comparisons(grid, runs)
+    if grid != "default":
+        lines += ["", "## Paired comparisons on the same held-out problems", ""] + comparisons(grid, runs)
     if go:
         lines += ["", "## Loss of each group over training (mean ± std over seeds)", ""] + go_group_losses(runs)
     lines += ["", f"![{grid}]({grid}.png)", ""]
