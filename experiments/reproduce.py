@@ -56,8 +56,9 @@ GRIDS = {
                "flags": ["--model", "builtin"],
                "cells": {algo: ["--algo", algo] for algo in ALGOS}},
     # The README's flagship command: its printed interval must exclude 0 for every seed and either base build
-    "default": {"about": "`python uft.py` as it ships (UFT, 150 steps) for seeds 0-2, from the built-in base "
-                         "built with 1 thread and with 2 threads (their weights differ)",
+    "default": {"about": "`python uft.py` as it ships (UFT, 150 steps) for seeds 0-2, with 1 thread and with 2 "
+                         "threads (the base built and the run trained with that many; 2 is what a bare "
+                         "`python uft.py` uses on this machine)",
                 "common": [], "flags": ["--model", "builtin"],      # the default, named so the base is prebuilt
                 "base_threads": {"base-1-thread": 1, "base-2-threads": 2},
                 "cells": {"base-1-thread": [], "base-2-threads": []}},
@@ -74,14 +75,15 @@ GRIDS = {
                            "rft-skip": ["--algo", "rft", "--skip_silent_updates"],
                            "rft-lr5e-5": ["--algo", "rft", "--learning_rate", "5e-5"],
                            "rft-beta0.05": ["--algo", "rft", "--beta", "0.05"],
-                           "rft-G8": ["--algo", "rft", "--num_generations", "8", "--batch_size", "16",
-                                      "--mini_batch_size", "16"],
                            "rft-format0": ["--algo", "rft", "--format_reward", "0"]}},
-    "weak": {"about": "the five algorithms from builtin-weak (150 warm-up steps): the answer format, "
-                      "few solutions",
+    "weak": {"about": "the five algorithms from builtin-weak (250 warm-up steps: format rate 0.97, 5-8% of "
+                      "validation problems solved), the paper's small-model regime; RL without the format reward",
              "flags": ["--model", "builtin-weak"],
-             "cells": {**{algo: ["--algo", algo] for algo in ALGOS if algo != "uft"},   # run before 0.001
-                       "uft": ["--algo", "uft", "--sft_loss_coef", "0.5"]}},
+             "note": "`--format_reward 0` was chosen on validation problems in the `collapse` grid "
+                     "(docs/collapse.md): with the released 0.1 RFT took this base from 0.063 to 0.000 in 60 "
+                     "steps. It changes only the RL algorithms' advantages (SFT has none).",
+             "cells": {algo: ["--algo", algo] + (["--format_reward", "0"] if algo != "sft" else [])
+                       for algo in ALGOS}},
     "ablation": {"about": "UFT from the built-in base, 60 steps: hint schedule (paper Fig. 4: cosine, staged, "
                           "uniform) and hint-NLL coefficient (Fig. 5: 0, 0.001 = the default, 0.05)",
                  "flags": ["--model", "builtin", "--algo", "uft", "--T", "60", "--T_hint", "20",
@@ -296,8 +298,9 @@ def run_command(grid: str, cell: str, seed: int, model_flags: list[str]) -> tupl
     shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)    # commands read as typed
     flags = [*g.get("common", COMMON), *g["flags"], *model_flags, *g["cells"][cell],
              "--seed", str(seed), "--output_dir", shown]
-    threads = g.get("base_threads", {}).get(cell)
-    env = {"UFT_CACHE": str(thread_cache(threads))} if threads else {}
+    threads = g.get("base_threads", {}).get(cell)     # the base built, and the run trained, with this many
+    env = {"UFT_CACHE": str(thread_cache(threads)), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)} if threads else {}
     return [sys.executable, g.get("script", "uft.py"), *flags], out, env
 
 
@@ -341,7 +344,7 @@ def run_one(cmd: list[str], out: Path, extra_env: dict | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    start, made_at = time.time(), machine()    # the checkout as the run starts (it imports the code then)
+    start, made_at = time.time(), machine(int(env["OMP_NUM_THREADS"]))    # the checkout as the run starts (it imports the code then)
     with open(out / "log.txt", "a") as log:
         code = (in_process(cmd, env, log) if in_worker else
                 subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
@@ -354,7 +357,7 @@ def run_one(cmd: list[str], out: Path, extra_env: dict | None = None) -> str:
     return f"done {out} in {done['seconds'] / 60:.1f} min"
 
 
-def machine() -> dict:
+def machine(threads: int = 1) -> dict:
     cpu = platform.processor() or "unknown CPU"
     if Path("/proc/cpuinfo").exists():
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
@@ -362,7 +365,7 @@ def machine() -> dict:
     import torch
     import transformers
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads_per_process": 1, "torch": torch.__version__,
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads_per_process": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "commit": commit.stdout.strip() or "unknown"}
 
 

@@ -40,3 +40,17 @@ def test_readme_flag_table_matches_the_parser():
         shown = {"off": False, "—": None}.get(rows[flag].strip(), rows[flag].strip())
         assert str(shown) == str(action.default), \
             f"{flag}: docs/flags.md says {rows[flag]!r}, parser {action.default!r}"
+
+
+def test_every_number_in_the_readme_results_traces_to_a_committed_report():
+    """Accuracies and changes (three decimals, signed or not) quoted in the README's Results section and its
+    caption must each appear in a report under experiments/results/, which is made from committed runs."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    results = readme.split("\n## Results\n")[1].split("\n## ")[0] + readme.split("\n## Two commands")[0]
+    reports = "\n".join(p.read_text() for p in (ROOT / "experiments" / "results").glob("*.md"))
+    reports = reports.replace("−", "-")
+    quoted = {n.replace("−", "-") for n in re.findall(r"[+−-]?\d\.\d{3}", results)}
+    assert len(quoted) >= 10, quoted
+    missing = sorted(n for n in quoted if n not in reports)
+    assert not missing, f"README Results numbers found in no report: {missing}"
