@@ -75,7 +75,9 @@ GRIDS = {
                            "rft-skip": ["--algo", "rft", "--skip_silent_updates"],
                            "rft-lr5e-5": ["--algo", "rft", "--learning_rate", "5e-5"],
                            "rft-beta0.05": ["--algo", "rft", "--beta", "0.05"],
-                           "rft-format0": ["--algo", "rft", "--format_reward", "0"]}},
+                           "rft-format0": ["--algo", "rft", "--format_reward", "0"],
+                           # added after the one-factor cells: the two that kept accuracy, together
+                           "rft-format0-beta0.05": ["--algo", "rft", "--format_reward", "0", "--beta", "0.05"]}},
     "weak": {"about": "the five algorithms from builtin-weak (250 warm-up steps: format rate 0.97, 5-8% of "
                       "validation problems solved), the paper's small-model regime; RL without the format reward",
              "flags": ["--model", "builtin-weak"],
@@ -344,7 +346,8 @@ def run_one(cmd: list[str], out: Path, extra_env: dict | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    start, made_at = time.time(), machine(int(env["OMP_NUM_THREADS"]))    # the checkout as the run starts (it imports the code then)
+    # the checkout as the run starts (it imports the code then)
+    start, made_at = time.time(), machine(int(env["OMP_NUM_THREADS"]))
     with open(out / "log.txt", "a") as log:
         code = (in_process(cmd, env, log) if in_worker else
                 subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
