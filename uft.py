@@ -963,7 +963,8 @@ FLAGS = {
         ("num_generations", 4, "G: rollouts per prompt (one group)", {"range": "[1, inf)"}),
         ("epsilon", 0.2, "PPO clip range; with one update per step (mini_batch_size = batch_size) the "
                          "ratio is 1 and the clip never acts", {"range": "[0, 1]"}),
-        ("beta", 0.001, "k3 KL coefficient; 0 keeps no reference model", {"range": "[0, inf)"}),
+        ("beta", 0.05, "k3 KL coefficient; 0 keeps no reference model (released: 0.001; 0.05 chosen on "
+                       "validation, docs/collapse.md)", {"range": "[0, inf)"}),
         ("entropy_coef", 0.0, "entropy bonus on response tokens (released GPU runs: 0.001)",
          {"range": "[0, inf)"}),
         ("format_reward", 0.1, "training reward of an answer that is extracted but wrong (the released 0.1; "
