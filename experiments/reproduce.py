@@ -58,6 +58,11 @@ COMMON = ["--num_val", "200", "--eval_steps", "50", "--save_steps", "25"]
 GRIDS = {
     "strong": {"about": "the five algorithms from the built-in base (600 warm-up steps on 3-number problems)",
                "flags": ["--model", "builtin"],
+               "note": "Today's defaults. The KL weight (0.05) was chosen on validation problems (grid "
+                       "default-select); the other defaults were set before the current test problems existed, on "
+                       "problems that are validation problems now (docs/method.md, section 7). A first sweep, "
+                       "stopped to choose the KL weight, made sft seeds 0-1 (SFT has no KL term); it did not "
+                       "record itself below.",
                "cells": {algo: ["--algo", algo] for algo in ALGOS}},
     # The default's learning rate, chosen on validation problems: UFT from the built-in base, 150 steps
     "default-select": {"about": "the default UFT run at two learning rates and a larger KL weight, read on 500 "
@@ -81,6 +86,9 @@ GRIDS = {
                          "`python uft.py` uses on this machine)",
                 "common": [], "flags": ["--model", "builtin"],      # the default, named so the base is prebuilt
                 "base_threads": {"base-1-thread": 1, "base-2-threads": 2},
+                "note": "The defaults as chosen for the strong grid; nothing here chose anything. Runs went two "
+                        "at a time: a 2-thread run beside another run shares the 2 cores, so its minutes are "
+                        "an upper bound for a run alone.",
                 "cells": {"base-1-thread": [], "base-2-threads": []}},
     # Why RL degraded weak bases (docs/collapse.md): RFT from builtin-weak with one factor changed per cell,
     # read on validation problems only (held-out problems: 100, never looked at for this grid)
@@ -114,6 +122,8 @@ GRIDS = {
                           "uniform) and hint-NLL coefficient (Fig. 5: 0, 0.001 = the default, 0.05)",
                  "flags": ["--model", "builtin", "--algo", "uft", "--T", "60", "--T_hint", "20",
                            "--eval_steps", "30"],
+                 "note": "At today's defaults (chosen as in the strong grid); its cells are read on the "
+                         "validation problems.",
                  "cells": {"cosine": [], "staged": ["--hint_schedule", "staged"],
                            "uniform": ["--hint_schedule", "uniform"],
                            "nll-0": ["--sft_loss_coef", "0"], "nll-0.05": ["--sft_loss_coef", "0.05"]}},
