@@ -86,9 +86,11 @@ GRIDS = {
                          "`python uft.py` uses on this machine)",
                 "common": [], "flags": ["--model", "builtin"],      # the default, named so the base is prebuilt
                 "base_threads": {"base-1-thread": 1, "base-2-threads": 2},
-                "note": "The defaults as chosen for the strong grid; nothing here chose anything. Runs went two "
-                        "at a time: a 2-thread run beside another run shares the 2 cores, so its minutes are "
-                        "an upper bound for a run alone.",
+                "note": "The defaults as chosen for the strong grid; nothing here chose anything. The 1-thread "
+                        "runs went two at a time (seed 2 beside a 2-thread run). The 2-thread runs of seeds 0 and "
+                        "1 started two at a time, 4 threads on 2 cores, which is far slower (seed 0: 140 steps in "
+                        "11.8 min); they were stopped and resumed one at a time, so their minutes count the "
+                        "resumed part only. Seed 2 ran alone: 3.1 min.",
                 "cells": {"base-1-thread": [], "base-2-threads": []}},
     # Why RL degraded weak bases (docs/collapse.md): RFT from builtin-weak with one factor changed per cell,
     # read on validation problems only (held-out problems: 100, never looked at for this grid)
