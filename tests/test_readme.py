@@ -50,7 +50,7 @@ def test_every_number_in_the_readme_results_traces_to_a_committed_report():
     results = readme.split("\n## Results\n")[1].split("\n## ")[0] + readme.split("\n## Two commands")[0]
     reports = "\n".join(p.read_text() for p in (ROOT / "experiments" / "results").glob("*.md"))
     reports = reports.replace("−", "-")
-    quoted = {n.replace("−", "-") for n in re.findall(r"[+−-]?\d\.\d{3}", results)}
+    quoted = {n.replace("−", "-") for n in re.findall(r"(?<![\d.])[+−-]?\d\.\d{3}(?!\d)", results)}
     assert len(quoted) >= 10, quoted
     missing = sorted(n for n in quoted if n not in reports)
     assert not missing, f"README Results numbers found in no report: {missing}"
