@@ -177,3 +177,18 @@ def test_learning_rate_schedule_counts_training_steps_not_optimizer_updates(tiny
     expected = [peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (T - warmup))) for t in range(1, T + 1)]
     assert lrs == pytest.approx(expected)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[0] == pytest.approx(peak)
+
+
+@pytest.mark.parametrize("format_reward", [0.1, 0.0])
+def test_format_reward_sets_what_the_advantages_see_and_leaves_the_logged_rewards(tiny_dir, tmp_path, monkeypatch,
+                                                                                   format_reward):
+    calls = iter(range(10_000))
+    monkeypatch.setattr(tasks, "reward", lambda row, text: [0.0, tasks.REWARD_WRONG][next(calls) % 2])
+    seen, real = [], uft.group_advantages
+    monkeypatch.setattr(uft, "group_advantages", lambda r: seen.append(r.clone()) or real(r))
+    out = tmp_path / "run"
+    assert uft.main(flags(tiny_dir, out, "--algo", "rft", "--format_reward", str(format_reward))) == 0
+    values = {round(float(v), 6) for r in seen for v in r.flatten()}
+    assert values == {0.0, format_reward}
+    logged = [m["reward_mean"] for m in metrics_of(out) if "reward_mean" in m]
+    assert logged and all(abs(r - tasks.REWARD_WRONG / 2) < 1e-6 for r in logged)   # the released 0.1 logged
